@@ -1,0 +1,1 @@
+"""Shared code for the in-place vocabulary reassignment (IVR) workflow's scripts."""

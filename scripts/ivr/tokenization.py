@@ -1,0 +1,219 @@
+"""Loading base tokenizers, checking they are byte-level BPE, and fast exact pre-tokenization."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from functools import lru_cache
+from pathlib import Path
+
+import regex
+
+from ivr.cli import UserError
+
+# The split GPT-2's ByteLevel pre-tokenizer applies when use_regex is on.
+GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+
+
+@lru_cache(maxsize=1)
+def byte_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible map from bytes to printable characters."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    chars = printable[:]
+    extra = 0
+    for byte in range(256):
+        if byte not in printable:
+            printable.append(byte)
+            chars.append(256 + extra)
+            extra += 1
+    return {b: chr(c) for b, c in zip(printable, chars)}
+
+
+@lru_cache(maxsize=1)
+def _to_bytelevel_table() -> dict[int, str]:
+    return {b: c for b, c in byte_to_unicode().items()}  # latin-1 code point == byte value
+
+
+@lru_cache(maxsize=1)
+def _from_bytelevel() -> dict[str, int]:
+    return {c: b for b, c in byte_to_unicode().items()}
+
+
+def to_bytelevel(text: str) -> str:
+    return text.encode("utf-8").decode("latin-1").translate(_to_bytelevel_table())
+
+
+def token_bytes(token: str) -> bytes:
+    """The bytes a byte-level token stands for."""
+    table = _from_bytelevel()
+    return bytes(table[c] for c in token)
+
+
+def readable(token: str) -> str:
+    """A byte-level token as text a person can read; incomplete UTF-8 shows as \\xNN escapes."""
+    try:
+        return token_bytes(token).decode("utf-8", errors="backslashreplace")
+    except KeyError:  # not a byte-level string (special or added token)
+        return token
+
+
+def load_tokenizer_json(name_or_path: str, trust_remote_code: bool = False) -> dict:
+    """The tokenizer.json of a local HF folder, a tokenizer.json file, or a hub id, as a dict."""
+    path = Path(name_or_path)
+    if path.is_file():
+        candidate = path
+    elif path.is_dir():
+        candidate = path / "tokenizer.json"
+        if not candidate.exists():
+            return json.loads(_auto_backend(str(path), trust_remote_code).to_str())
+    elif os.path.isabs(name_or_path) or name_or_path.startswith((".", "~")) or name_or_path.count("/") > 1:
+        raise UserError(f"{name_or_path}: tokenizer or model path does not exist")
+    else:
+        return json.loads(_auto_backend(name_or_path, trust_remote_code).to_str())
+    try:
+        return json.loads(candidate.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise UserError(f"{candidate}: not a readable tokenizer.json ({err})") from None
+
+
+def _auto_backend(name: str, trust_remote_code: bool):
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"{name}: cannot load a tokenizer ({first})") from None
+    if not getattr(tok, "is_fast", False):
+        raise UserError(f"{name}: only a slow tokenizer is available; IVR needs a fast (tokenizer.json) tokenizer")
+    return tok.backend_tokenizer
+
+
+def _steps(node: dict | None) -> list[dict]:
+    if not node:
+        return []
+    if node.get("type") == "Sequence":
+        return [s for child in node.get("pretokenizers", []) for s in _steps(child)]
+    return [node]
+
+
+def check_byte_level_bpe(spec: dict, where: str) -> None:
+    """Refuse anything but a byte-level BPE, with a line saying what it is instead."""
+    model = spec.get("model", {}).get("type")
+    steps = _steps(spec.get("pre_tokenizer"))
+    if model == "BPE" and any(s.get("type") == "ByteLevel" for s in steps):
+        return
+    kinds = ", ".join(s.get("type", "?") for s in steps) or "none"
+    hint = ""
+    if model == "Unigram" or any(s.get("type") == "Metaspace" for s in steps) or spec.get("model", {}).get("byte_fallback"):
+        hint = " (a SentencePiece-style tokenizer, as in Llama-2, Mistral or Gemma)"
+    raise UserError(
+        f"{where}: not a byte-level BPE tokenizer: model {model}, pre-tokenizer {kinds}{hint}; "
+        "IVR supports byte-level BPE tokenizers such as GPT-2's, SmolLM2's or Qwen's"
+    )
+
+
+def _split(pattern: regex.Pattern, behavior: str, invert: bool) -> Callable[[str], list[str]]:
+    """HF's Split semantics: which parts of a string become pieces, for one pattern and behaviour."""
+
+    def parts(text: str) -> list[tuple[str, bool]]:
+        out, pos = [], 0
+        for match in pattern.finditer(text):
+            if match.start() == match.end():
+                continue
+            if match.start() > pos:
+                out.append((text[pos : match.start()], invert))
+            out.append((match.group(), not invert))
+            pos = match.end()
+        if pos < len(text):
+            out.append((text[pos:], invert))
+        return out
+
+    fast_isolated = behavior == "Isolated" and not invert and pattern.groups == 0
+
+    def apply(text: str) -> list[str]:
+        if fast_isolated:  # findall is several times faster; exact when the matches cover the text
+            found = pattern.findall(text)
+            if sum(map(len, found)) == len(text):
+                return found
+        segs = parts(text)
+        if behavior == "Isolated":
+            return [s for s, _ in segs]
+        if behavior == "Removed":
+            return [s for s, is_delim in segs if not is_delim]
+        if behavior == "MergedWithPrevious":
+            out: list[str] = []
+            for s, is_delim in segs:
+                if is_delim and out:
+                    out[-1] += s
+                else:
+                    out.append(s)
+            return out
+        if behavior == "MergedWithNext":
+            out, pending = [], ""
+            for s, is_delim in segs:
+                if is_delim:
+                    pending += s
+                else:
+                    out.append(pending + s)
+                    pending = ""
+            if pending:
+                out.append(pending)
+            return out
+        if behavior == "Contiguous":
+            out, last = [], None
+            for s, is_delim in segs:
+                if is_delim and last:
+                    out[-1] += s
+                else:
+                    out.append(s)
+                last = is_delim
+            return out
+        raise NotImplementedError(behavior)
+
+    return apply
+
+
+def compile_pretokenizer(spec: dict) -> Callable[[str], list[str]] | None:
+    """A pure-Python twin of the tokenizer's pre-tokenizer that returns raw (not byte-mapped) pieces.
+
+    Only the steps byte-level BPE tokenizers use are emulated (ByteLevel, Split, Digits); for
+    anything else this returns None and callers use the tokenizer's own, slower pre-tokenizer.
+    """
+    funcs: list[Callable[[str], list[str]]] = []
+    for step in _steps(spec.get("pre_tokenizer")):
+        kind = step.get("type")
+        if kind == "ByteLevel":
+            prefix = bool(step.get("add_prefix_space"))
+            split = _split(regex.compile(GPT2_PATTERN), "Isolated", False) if step.get("use_regex", True) else None
+
+            def bytelevel(text: str, prefix=prefix, split=split) -> list[str]:
+                if prefix and not text.startswith(" "):
+                    text = " " + text
+                return split(text) if split else [text]
+
+            funcs.append(bytelevel)
+        elif kind == "Split":
+            pat = step["pattern"]
+            source = pat["Regex"] if "Regex" in pat else regex.escape(pat["String"])
+            try:
+                funcs.append(_split(regex.compile(source), step.get("behavior", "Isolated"), bool(step.get("invert"))))
+            except regex.error:
+                return None
+        elif kind == "Digits":
+            behavior = "Isolated" if step.get("individual_digits") else "Contiguous"
+            funcs.append(_split(regex.compile(r"\p{N}"), behavior, False))
+        else:
+            return None
+
+    if len(funcs) == 1:
+        return funcs[0]
+
+    def pretokenize(text: str) -> list[str]:
+        pieces = [text]
+        for func in funcs:
+            pieces = [p for piece in pieces for p in func(piece) if p]
+        return pieces
+
+    return pretokenize
