@@ -14,6 +14,6 @@ include: "rules/corpus.smk"
 
 
 rule all:
+    default_target: True
     input:
         "results/analysis/corpus_stats.json",
-    default_target: True

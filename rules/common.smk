@@ -7,11 +7,22 @@ from ivr.cli import UserError  # noqa: E402
 from ivr.config import validate_config  # noqa: E402
 
 try:
-    config.update(validate_config(config, source=" + ".join(workflow.configfiles) or "config"))
+    config.update(
+        validate_config(
+            config, source=" + ".join(map(str, workflow.configfiles)) or "config"
+        )
+    )
 except UserError as err:
     sys.exit(f"error: {err}")
 
 SCRIPTS = Path(workflow.basedir) / "scripts"
+# Rules run the stage scripts with the interpreter Snakemake itself runs in (the project's venv),
+# unless rules run in their conda environments, where the environment's python is on PATH.
+PYTHON = (
+    "python"
+    if "conda" in str(workflow.deployment_settings.deployment_method).lower()
+    else sys.executable
+)
 ENV = "../envs/ivr.yaml"
 
 

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Set up everything the workflow and its tests need on a fresh Debian/Ubuntu machine:
+# system tools (graphviz for the DAG picture, chromium for the report test, Slurm for the cluster
+# test, when run as root), then a virtual environment .venv with the pinned requirements.
+# Usage: bash setup.sh            (then: .venv/bin/snakemake --cores all)
+set -euo pipefail
+cd "$(dirname "$0")"
+
+packages=(graphviz)
+[[ "${IVR_SETUP_TEST_TOOLS:-0}" == 1 ]] && packages+=(chromium slurmctld slurmd slurm-client munge)
+missing=()
+for pkg in "${packages[@]}"; do dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg"); done
+if ((${#missing[@]})); then
+  if [[ $(id -u) == 0 ]] && command -v apt-get >/dev/null; then
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  else
+    echo "setup: please install ${missing[*]} (needed for the DAG picture and some tests)" >&2
+  fi
+fi
+
+python=${PYTHON:-python3}
+if [[ ! -x .venv/bin/python ]]; then
+  "$python" -m venv .venv
+fi
+.venv/bin/python -m pip install -q --disable-pip-version-check -r requirements.txt
+echo "setup: ready (.venv/bin/snakemake, .venv/bin/python -m pytest)"

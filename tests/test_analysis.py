@@ -1,0 +1,123 @@
+"""Corpus analysis: counts and id sequences equal the tokenizer's own encode, on real text."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from tokenizers import Tokenizer
+
+from analyze_corpus import analyze
+from conftest import ROOT
+
+QWEN_STYLE_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
+
+def write_split(path: Path, texts: list[str]) -> Path:
+    path.write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in texts), encoding="utf-8")
+    return path
+
+
+@pytest.fixture()
+def splits(tmp_path, korean_texts, english_texts):
+    train = korean_texts[:-20] + ["문서 끝<|endoftext|>다음 문서", "  leading spaces and 123,456.78 digits\n\n\ttabs  "]
+    return {
+        "train": write_split(tmp_path / "train.jsonl", train),
+        "heldout": write_split(tmp_path / "heldout.jsonl", korean_texts[-20:]),
+        "general_train": write_split(tmp_path / "gtrain.jsonl", english_texts[:8]),
+        "general_heldout": write_split(tmp_path / "gheldout.jsonl", english_texts[8:12]),
+    }
+
+
+def texts_of(path: Path) -> list[str]:
+    return [json.loads(line)["text"] for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def check_against_encode(tokenizer_json: Path, splits: dict, out: Path, **kw) -> None:
+    out.mkdir()
+    stats = analyze(str(tokenizer_json), splits, out, threads=2, chunk_bytes=20_000, **kw)
+    tok = Tokenizer.from_file(str(tokenizer_json))
+    for name, path in splits.items():
+        docs = texts_of(path)
+        encoded = [tok.encode(d, add_special_tokens=False).ids for d in docs]
+        assert stats[name]["documents"] == len(docs)
+        assert stats[name]["tokens"] == sum(map(len, encoded)), name
+        assert stats[name]["bytes"] == sum(len(d.encode()) for d in docs)
+        if name == "train":
+            meta = json.loads((out / "train_ids.json").read_text())
+            ids = np.memmap(out / "train_ids.bin", dtype=meta["dtype"], mode="r")
+            offsets = np.load(out / "train_offsets.npy")
+            assert meta["documents"] == len(docs) and meta["tokens"] == len(ids)
+            for i, expected in enumerate(encoded):
+                assert ids[offsets[i] : offsets[i + 1]].tolist() == expected
+            counts = np.bincount(np.concatenate([np.array(e) for e in encoded]), minlength=tok.get_vocab_size())
+            freq = pq.read_table(out / "token_frequencies.parquet").to_pandas()
+            assert (freq["count"].to_numpy() == counts).all()
+    pre = pq.read_table(out / "pretokens.parquet").to_pandas()
+    assert (pre["count"].diff().dropna() <= 0).all()
+    for row in pre.head(200).itertuples():
+        assert [t.id for t in tok.model.tokenize(row.pretoken)] == list(row.ids)
+    assert set(json.loads((out / "corpus_stats.json").read_text())) == set(splits)
+
+
+def test_gpt2_counts_equal_hf_encode(tmp_path, splits, gpt2_tokenizer_dir):
+    check_against_encode(gpt2_tokenizer_dir / "tokenizer.json", splits, tmp_path / "fast")
+
+
+def test_exact_pretokenizer_gives_identical_files(tmp_path, splits, gpt2_tokenizer_dir):
+    check_against_encode(gpt2_tokenizer_dir / "tokenizer.json", splits, tmp_path / "fast")
+    check_against_encode(gpt2_tokenizer_dir / "tokenizer.json", splits, tmp_path / "exact", exact=True)
+    for name in ("train_ids.bin", "token_frequencies.parquet", "pretokens.parquet", "corpus_stats.json"):
+        assert (tmp_path / "fast" / name).read_bytes() == (tmp_path / "exact" / name).read_bytes(), name
+
+
+@pytest.mark.parametrize("variant", ["split_then_bytelevel", "digits_then_bytelevel", "prefix_space"])
+def test_other_byte_level_pretokenizers(tmp_path, splits, gpt2_tokenizer_dir, variant):
+    """Qwen/Llama-3-style Split, SmolLM-style Digits and add_prefix_space are emulated exactly."""
+    spec = json.loads((gpt2_tokenizer_dir / "tokenizer.json").read_text())
+    byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
+    if variant == "split_then_bytelevel":
+        split = {"type": "Split", "pattern": {"Regex": QWEN_STYLE_SPLIT}, "behavior": "Isolated", "invert": False}
+        spec["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [split, {**byte_level, "use_regex": False}]}
+    elif variant == "digits_then_bytelevel":
+        digits = {"type": "Digits", "individual_digits": True}
+        spec["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [digits, byte_level]}
+    else:
+        spec["pre_tokenizer"] = {**byte_level, "add_prefix_space": True}
+    path = tmp_path / "tokenizer.json"
+    path.write_text(json.dumps(spec))
+    check_against_encode(path, splits, tmp_path / "out")
+
+
+def test_outputs_are_byte_identical_between_runs(tmp_path, splits, gpt2_tokenizer_dir):
+    for run in ("a", "b"):
+        (tmp_path / run).mkdir()
+        analyze(str(gpt2_tokenizer_dir), splits, tmp_path / run, threads=2, chunk_bytes=10_000 if run == "a" else 50_000)
+    for name in ("train_ids.bin", "train_offsets.npy", "token_frequencies.parquet", "pretokens.parquet", "corpus_stats.json"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+
+
+def test_sentencepiece_style_tokenizer_is_refused(tmp_path, splits, gpt2_tokenizer_dir):
+    spec = json.loads((gpt2_tokenizer_dir / "tokenizer.json").read_text())
+    spec["pre_tokenizer"] = {"type": "Metaspace", "replacement": "▁", "prepend_scheme": "always", "split": False}
+    spec["model"]["byte_fallback"] = True
+    path = tmp_path / "sp" / "tokenizer.json"
+    path.parent.mkdir()
+    path.write_text(json.dumps(spec))
+    out = tmp_path / "out"
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "analyze_corpus.py"), "--tokenizer", str(path),
+         "--train", str(splits["train"]), "--heldout", str(splits["heldout"]), "--out-dir", str(out)],
+        capture_output=True, text=True,
+    )
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and "not a byte-level BPE tokenizer" in result.stderr
+    assert "SentencePiece" in result.stderr
+    assert not out.exists() or not any(out.iterdir())

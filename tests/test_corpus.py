@@ -1,0 +1,127 @@
+"""Corpus ingest: formats, cleaning, the held-out split, and bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import unicodedata
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import ROOT
+from ingest_corpus import ingest
+from ivr.cli import UserError
+from ivr.corpus import ReadOptions, iter_jsonl_texts
+
+SCRIPT = ROOT / "scripts" / "ingest_corpus.py"
+
+
+def run_ingest(tmp_path: Path, inputs: list[Path], **kw) -> dict:
+    opts = ReadOptions(**{k: v for k, v in kw.items() if k in ReadOptions.__dataclass_fields__})
+    return ingest(
+        [str(p) for p in inputs], opts, tmp_path / "train.jsonl", tmp_path / "heldout.jsonl",
+        kw.get("fraction", 0.2), kw.get("seed", 7),
+    )
+
+
+def all_texts(tmp_path: Path) -> list[str]:
+    return list(iter_jsonl_texts(tmp_path / "train.jsonl")) + list(iter_jsonl_texts(tmp_path / "heldout.jsonl"))
+
+
+def test_every_format_gives_the_same_documents(tmp_path, korean_texts):
+    docs = korean_texts[:30]
+    (tmp_path / "a.txt").write_text("\n".join(d.replace("\n", " ") for d in docs), encoding="utf-8")
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps({"body": d.replace("\n", " ")}) + "\n" for d in docs))
+    (tmp_path / "a.json").write_text(json.dumps([{"body": d.replace("\n", " ")} for d in docs]))
+    pq.write_table(pa.table({"body": [d.replace("\n", " ") for d in docs]}), tmp_path / "a.parquet")
+    results = {}
+    for name in ("a.txt", "a.jsonl", "a.json", "a.parquet"):
+        out = tmp_path / name.replace(".", "_")
+        out.mkdir()
+        run_ingest(out, [tmp_path / name], text_key="body", text_column="body")
+        results[name] = sorted(all_texts(out))
+    assert len(results["a.txt"]) == 30
+    assert results["a.txt"] == results["a.jsonl"] == results["a.json"] == results["a.parquet"]
+
+
+def test_one_document_per_file_keeps_newlines(tmp_path, korean_texts):
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    for i, text in enumerate(korean_texts[:5]):
+        (folder / f"{i}.txt").write_text(text, encoding="utf-8")
+    stats = run_ingest(tmp_path, [folder], txt_mode="file")
+    assert stats["documents_read"] == 5
+    assert sorted(all_texts(tmp_path)) == sorted(t.strip() for t in korean_texts[:5])
+    assert any("\n" in t for t in all_texts(tmp_path))
+
+
+def test_nfc_empty_and_duplicates(tmp_path):
+    decomposed = unicodedata.normalize("NFD", "대한민국 헌법")
+    lines = [decomposed, "대한민국 헌법", "", "   ", "국회 법률안", "국회 법률안"]
+    (tmp_path / "c.txt").write_text("\n".join(lines), encoding="utf-8")
+    stats = run_ingest(tmp_path, [tmp_path / "c.txt"])
+    assert stats["documents_read"] == 6
+    assert stats["dropped_empty"] == 2
+    assert stats["dropped_duplicate"] == 2  # the NFD copy equals the NFC one after normalisation
+    assert sorted(all_texts(tmp_path)) == ["국회 법률안", "대한민국 헌법"]
+    assert stats["train"]["bytes"] + stats["heldout"]["bytes"] == len("국회 법률안대한민국 헌법".encode())
+
+
+def test_split_is_seeded_and_independent_of_order(tmp_path, korean_texts):
+    docs = [t.replace("\n", " ") for t in korean_texts]
+    (tmp_path / "fwd.txt").write_text("\n".join(docs), encoding="utf-8")
+    (tmp_path / "rev.txt").write_text("\n".join(reversed(docs)), encoding="utf-8")
+    splits = []
+    for name, seed in (("fwd.txt", 7), ("rev.txt", 7), ("fwd.txt", 8)):
+        out = tmp_path / f"{name}{seed}"
+        out.mkdir()
+        run_ingest(out, [tmp_path / name], seed=seed, fraction=0.3)
+        splits.append(set(iter_jsonl_texts(out / "heldout.jsonl")))
+    assert splits[0] == splits[1]
+    assert splits[0] != splits[2]
+    assert 0.1 < len(splits[0]) / len(set(docs)) < 0.5
+
+
+def cli(args: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
+    outs = ["--train-out", str(tmp_path / "out" / "train.jsonl"), "--heldout-out", str(tmp_path / "out" / "heldout.jsonl"),
+            "--stats-out", str(tmp_path / "out" / "stats.json")]
+    return subprocess.run([sys.executable, str(SCRIPT), *args, *outs], capture_output=True, text=True)
+
+
+BAD_INPUTS = {
+    "missing": (None, [], "does not exist"),
+    "invalid_utf8": (b"good line\n\xff\xfe bad\n", [], "line 2: invalid UTF-8"),
+    "not_json": (b'{"text": "ok"}\n{"text": broken\n', [], "line 2: not valid JSON"),
+    "no_key": (b'{"text": "ok"}\n{"body": "x"}\n', [], "line 2: no key 'text'"),
+    "non_string": (b'{"text": "ok"}\n{"text": 5}\n', [], "line 2: key 'text' holds int"),
+    "nul_byte": (b"fine\nbad\x00line\n", [], "line 2: contains a NUL byte"),
+    "bom": (b"\xef\xbb\xbfline one\n", [], "byte-order mark"),
+    "empty_after_cleaning": (b"\n   \n\n", [], "corpus is empty after cleaning"),
+    "enormous_line": (b"a" * 5000 + b"\n", ["--max-document-bytes", "1000"], "line 1: document of 5000 bytes"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
+def test_bad_input_gives_one_line_and_no_output(tmp_path, case):
+    content, extra, expected = BAD_INPUTS[case]
+    suffix = ".jsonl" if case in ("not_json", "no_key", "non_string") else ".txt"
+    path = tmp_path / f"corpus {case}{suffix}"  # a space in the path on purpose
+    if content is not None:
+        path.write_bytes(content)
+    result = cli([str(path), *extra], tmp_path)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ")
+    assert expected in lines[0]
+    assert str(path) in lines[0] or case == "empty_after_cleaning"
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_parquet_column_of_numbers_is_refused(tmp_path):
+    pq.write_table(pa.table({"text": [1, 2]}), tmp_path / "n.parquet")
+    with pytest.raises(UserError, match="holds int64, expected strings"):
+        run_ingest(tmp_path, [tmp_path / "n.parquet"])
