@@ -13,7 +13,7 @@ rule fetch_asset:
     params:
         script=script("fetch_assets.py"),
     shell:
-        "{PYTHON:q} {params.script:q} {wildcards.asset} --dest {output:q} --cache resources/.downloads > {log:q} 2>&1"
+        "python {params.script:q} {wildcards.asset} --dest {output:q} --cache resources/.downloads > {log:q} 2>&1"
 
 
 rule gguf_to_hf:
@@ -31,4 +31,4 @@ rule gguf_to_hf:
         script=script("gguf_to_hf.py"),
         gguf=config["base_model"],
     shell:
-        "{PYTHON:q} {params.script:q} {params.gguf:q} --out {output:q} > {log:q} 2>&1"
+        "python {params.script:q} {params.gguf:q} --out {output:q} > {log:q} 2>&1"

@@ -1,4 +1,5 @@
 # Helpers shared by the rules: validated config, script paths, where inputs come from.
+import os
 import sys
 from pathlib import Path
 
@@ -16,14 +17,19 @@ except UserError as err:
     sys.exit(f"error: {err}")
 
 SCRIPTS = Path(workflow.basedir) / "scripts"
-# Rules run the stage scripts with the interpreter Snakemake itself runs in (the project's venv),
-# unless rules run in their conda environments, where the environment's python is on PATH.
-PYTHON = (
-    "python"
-    if "conda" in str(workflow.deployment_settings.deployment_method).lower()
-    else sys.executable
-)
 ENV = "../envs/ivr.yaml"
+
+
+envvars:
+    "PATH",
+
+
+# Rules call `python`: the interpreter Snakemake itself runs in (the project's venv) comes first on
+# PATH, unless rules run in their conda environments, which put their own python there.
+if "conda" not in str(workflow.deployment_settings.deployment_method).lower():
+    os.environ["PATH"] = os.pathsep.join(
+        [str(Path(sys.executable).parent), os.environ.get("PATH", "")]
+    )
 
 
 wildcard_constraints:

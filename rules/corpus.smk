@@ -19,7 +19,7 @@ rule ingest_corpus:
         paths=lambda wildcards: corpus_config(wildcards.corpus)["paths"],
         opts=lambda wildcards: corpus_config(wildcards.corpus),
     shell:
-        "{PYTHON:q} {params.script:q} {params.paths:q}"
+        "python {params.script:q} {params.paths:q}"
         " --format {params.opts[format]} --txt-mode {params.opts[txt_mode]}"
         " --text-key {params.opts[text_key]:q} --text-column {params.opts[text_column]:q}"
         " --max-document-bytes {params.opts[max_document_bytes]} --max-documents {params.opts[max_documents]}"
@@ -66,6 +66,6 @@ rule analyze_corpus:
         exact="--exact-pretokenizer" if config["analysis"]["exact_pretokenizer"] else "",
         trust="--trust-remote-code" if config["trust_remote_code"] else "",
     shell:
-        "{PYTHON:q} {params.script:q} --tokenizer {params.tokenizer:q}"
+        "python {params.script:q} --tokenizer {params.tokenizer:q}"
         " --train {input.train:q} --heldout {input.heldout:q} {params.general}"
         " --out-dir results/analysis --threads {threads} {params.exact} {params.trust} > {log:q} 2>&1"

@@ -1,0 +1,230 @@
+#!/usr/bin/env python3
+"""Initialise the embedding rows of reassigned ids from the new tokens' base segmentations.
+
+Every id in the remap rules gets a new input row and (for an untied head) a new output row, built
+from the base model's rows of the new token's sub-tokens (`base_ids`); every other row is copied
+bit for bit. Special tokens always start as the mean of their init text's tokens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from ivr.cli import UserError, atomic_outputs, log, run_main  # noqa: E402
+
+STRATEGIES = ("subtoken_mean", "weighted", "global_mean", "random", "zeros")
+KINDS = ("ngram", "special", "unused_row")
+TIED_WEIGHTED = ("output", "input", "mean")
+
+
+@dataclass(frozen=True)
+class Reassignment:
+    id: int
+    kind: str
+    new_token: str
+    base_ids: tuple[int, ...]
+
+
+def load_reassignments(path: str | Path) -> list[Reassignment]:
+    """The reassignments of a remap_rules.yaml (the fields embeddings need), checked."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: remap rules file does not exist")
+    try:
+        rules = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        raise UserError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+    if not isinstance(rules, dict) or not isinstance(rules.get("reassignments"), list):
+        raise UserError(f"{path}: needs a 'reassignments' list")
+    out: list[Reassignment] = []
+    for n, entry in enumerate(rules["reassignments"]):
+        where = f"{path}: reassignments[{n}]"
+        if not isinstance(entry, dict):
+            raise UserError(f"{where}: must be a mapping")
+        slot, kind, new, base = entry.get("id"), entry.get("kind"), entry.get("new_token"), entry.get("base_ids")
+        if not isinstance(slot, int) or isinstance(slot, bool) or slot < 0:
+            raise UserError(f"{where}: 'id' must be a non-negative integer, got {slot!r}")
+        if kind not in KINDS:
+            raise UserError(f"{where} (id {slot}): 'kind' must be one of {', '.join(KINDS)}, got {kind!r}")
+        if not isinstance(new, str) or not new:
+            raise UserError(f"{where} (id {slot}): 'new_token' must be a non-empty string")
+        if not isinstance(base, list) or not base or not all(isinstance(b, int) and not isinstance(b, bool) and b >= 0 for b in base):
+            raise UserError(f"{where} (id {slot}): 'base_ids' must be a non-empty list of token ids")
+        out.append(Reassignment(slot, kind, new, tuple(base)))
+    ids = [r.id for r in out]
+    if len(set(ids)) != len(ids):
+        dup = sorted({i for i in ids if ids.count(i) > 1})[0]
+        raise UserError(f"{path}: id {dup} is reassigned more than once")
+    return sorted(out, key=lambda r: r.id)
+
+
+def check_ids(reassignments: list[Reassignment], rows: int) -> None:
+    for r in reassignments:
+        bad = [i for i in (r.id, *r.base_ids) if i >= rows]
+        if bad:
+            raise UserError(f"reassignment of id {r.id}: id {bad[0]} is outside the embedding's {rows} rows")
+
+
+def position_weights(n: int, lean: str, ratio: float) -> torch.Tensor:
+    """Normalised weights over n sub-tokens growing by `ratio` towards the first or the last one."""
+    w = torch.tensor([ratio**k for k in range(n)], dtype=torch.float64)
+    if lean == "first":
+        w = w.flip(0)
+    elif lean != "last":
+        raise ValueError(lean)
+    return (w / w.sum()).float()
+
+
+def _rows(
+    matrix: torch.Tensor,
+    reassignments: list[Reassignment],
+    strategy: str,
+    lean: str | None,
+    ratio: float,
+    generator: torch.Generator,
+) -> torch.Tensor:
+    """New rows (float32, one per reassignment) for one matrix; lean None means plain mean for weighted."""
+    base = matrix.detach().float().cpu()
+    rows = torch.empty((len(reassignments), base.shape[1]), dtype=torch.float32)
+    if strategy == "random":
+        mean, std = base.mean(0), base.std(0)
+        rows = mean + std * torch.randn(rows.shape, generator=generator, dtype=torch.float32)
+    elif strategy == "global_mean":
+        rows[:] = base.mean(0)
+    elif strategy == "zeros":
+        rows.zero_()
+    for k, r in enumerate(reassignments):
+        sub = base[list(r.base_ids)]
+        # Special tokens always start from their init text's mean, whatever the strategy.
+        if r.kind == "special" or strategy == "subtoken_mean" or (strategy == "weighted" and lean is None):
+            rows[k] = sub.mean(0)
+        elif strategy == "weighted":
+            rows[k] = position_weights(len(r.base_ids), lean, ratio) @ sub
+    return rows
+
+
+def reorder_embeddings(
+    input_matrix: torch.Tensor,
+    output_matrix: torch.Tensor | None,
+    reassignments: list[Reassignment],
+    strategy: str = "subtoken_mean",
+    *,
+    seed: int = 0,
+    weighted_ratio: float = 2.0,
+    tied_weighted: str = "output",
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """New input (and, when untied, output) matrices: reassigned rows initialised, all others copied.
+
+    weighted: input rows lean on the last sub-token, output rows on the first, weights growing by
+    weighted_ratio per position. A tied matrix serves both sides; tied_weighted picks which
+    ('output': lean on the first, 'input': on the last, 'mean': plain mean).
+    Pure and deterministic: the same arguments give bit-identical tensors.
+    """
+    if strategy not in STRATEGIES:
+        raise UserError(f"init strategy '{strategy}': must be one of {', '.join(STRATEGIES)}")
+    if tied_weighted not in TIED_WEIGHTED:
+        raise UserError(f"tied_weighted '{tied_weighted}': must be one of {', '.join(TIED_WEIGHTED)}")
+    if weighted_ratio <= 0:
+        raise UserError(f"weighted_ratio {weighted_ratio}: must be positive")
+    if output_matrix is not None and output_matrix.shape != input_matrix.shape:
+        raise UserError(f"output matrix {tuple(output_matrix.shape)} and input matrix {tuple(input_matrix.shape)} differ in shape")
+    check_ids(reassignments, input_matrix.shape[0])
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.tensor([r.id for r in reassignments], dtype=torch.long)
+
+    def rebuild(matrix: torch.Tensor, lean: str | None) -> torch.Tensor:
+        new = matrix.detach().clone()
+        if reassignments:
+            new[ids] = _rows(matrix, reassignments, strategy, lean, weighted_ratio, generator).to(new.dtype).to(new.device)
+        return new
+
+    if output_matrix is None:
+        lean = {"output": "first", "input": "last", "mean": None}[tied_weighted]
+        return rebuild(input_matrix, lean), None
+    return rebuild(input_matrix, "last"), rebuild(output_matrix, "first")
+
+
+def tensor_sha256(tensor: torch.Tensor) -> str:
+    return hashlib.sha256(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--base-model", required=True, help="base model folder (safetensors) or hub id")
+    parser.add_argument("--rules", required=True, type=Path, help="remap_rules.yaml")
+    parser.add_argument("--strategy", default="subtoken_mean", choices=STRATEGIES)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random strategy")
+    parser.add_argument("--weighted-ratio", type=float, default=2.0, help="weight ratio between neighbouring sub-tokens (weighted)")
+    parser.add_argument("--tied-weighted", default="output", choices=TIED_WEIGHTED, help="what a tied matrix gets under weighted")
+    parser.add_argument("--trust-remote-code", action="store_true")
+    parser.add_argument("--out", required=True, type=Path, help="reordered.safetensors to write")
+    parser.add_argument("--meta-out", required=True, type=Path, help="reordered.json to write")
+    args = parser.parse_args(argv)
+
+    from safetensors.torch import save_file
+
+    from ivr.modeling import embedding_layout, embedding_matrices, load_causal_lm
+
+    reassignments = load_reassignments(args.rules)
+    model = load_causal_lm(args.base_model, trust_remote_code=args.trust_remote_code)
+    layout = embedding_layout(model)
+    input_matrix, output_matrix = embedding_matrices(model)
+    log.info(
+        "%s: %d x %d embeddings (%s head), %d reassignments, strategy %s",
+        args.base_model, layout.rows, layout.dim, "tied" if layout.tied else "untied", len(reassignments), args.strategy,
+    )
+    new_input, new_output = reorder_embeddings(
+        input_matrix, output_matrix, reassignments, args.strategy,
+        seed=args.seed, weighted_ratio=args.weighted_ratio, tied_weighted=args.tied_weighted,
+    )
+    tensors = {"input_embeddings": new_input.contiguous()}
+    if new_output is not None:
+        tensors["output_embeddings"] = new_output.contiguous()
+    kinds = {k: sum(r.kind == k for r in reassignments) for k in KINDS}
+    meta = {
+        "strategy": args.strategy,
+        "seed": args.seed,
+        "weighted_ratio": args.weighted_ratio,
+        "tied_weighted": args.tied_weighted if layout.tied else None,
+        "base_model": str(args.base_model),
+        "rules": str(args.rules),
+        "rules_sha256": file_sha256(args.rules),
+        "tied": layout.tied,
+        "parameters": {"input_embeddings": layout.input_name, "output_embeddings": layout.output_name},
+        "shape": [layout.rows, layout.dim],
+        "dtype": str(new_input.dtype).removeprefix("torch."),
+        "reassigned": len(reassignments),
+        "kinds": kinds,
+        "ids": [r.id for r in reassignments],
+        "sha256": {
+            "base_input_embeddings": tensor_sha256(input_matrix),
+            "base_output_embeddings": None if output_matrix is None else tensor_sha256(output_matrix),
+            **{name: tensor_sha256(t) for name, t in tensors.items()},
+        },
+    }
+    with atomic_outputs(args.out, args.meta_out) as (out, meta_out):
+        save_file(tensors, out, metadata={"strategy": args.strategy, "seed": str(args.seed), "tied": str(layout.tied)})
+        meta_out.write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
+    log.info("wrote %s and %s (%s)", args.out, args.meta_out, ", ".join(f"{v} {k}" for k, v in kinds.items() if v))
+
+
+if __name__ == "__main__":
+    run_main(main)
