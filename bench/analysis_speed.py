@@ -1,0 +1,110 @@
+#!/usr/bin/env python3
+"""Benchmark: corpus analysis vs tiktoken and HF tokenizers on the same documents, same tokenizer.
+
+Prints throughput of (1) our analysis (pre-tokenize, count, segment each distinct pre-token once,
+write every output), (2) tiktoken's encode_ordinary_batch with the same number of threads and
+GPT-2's ranks, (3) HF tokenizers' encode_batch, with ratios against tiktoken measured in the same
+run; then the analysis's peak memory on the corpus and on 4x as much distinct text (each document
+repeated with a copy number appended), to show memory stays bounded as the corpus grows.
+
+Needs the ingested splits (snakemake results/corpus/domain/train.jsonl) and the assets
+gpt2_tokenizer and gpt2_tiktoken (fetched by the tests or scripts/fetch_assets.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+GPT2_SPLIT = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+
+
+def load_docs(paths: list[Path]) -> list[str]:
+    docs = []
+    for path in paths:
+        with open(path, encoding="utf-8") as handle:
+            docs.extend(json.loads(line)["text"] for line in handle)
+    return docs
+
+
+def run_analysis(train: Path, heldout: Path, tokenizer: Path, threads: int, out: Path) -> tuple[float, float]:
+    """Wall seconds and peak RSS (MiB, largest process) of the analysis script in a subprocess."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    start = time.perf_counter()
+    subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "analyze_corpus.py"), "--tokenizer", str(tokenizer),
+         "--train", str(train), "--heldout", str(heldout), "--out-dir", str(out), "--threads", str(threads)],
+        check=True, env={**os.environ, "IVR_NO_PROGRESS": "1", "IVR_LOG_LEVEL": "WARNING"},
+    )
+    seconds = time.perf_counter() - start
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    return seconds, max(peak, before) / 1024
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--splits", type=Path, default=ROOT / "results" / "corpus" / "domain")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--skip-memory", action="store_true")
+    args = parser.parse_args()
+    train, heldout = args.splits / "train.jsonl", args.splits / "heldout.jsonl"
+    tokenizer = ROOT / "resources" / "assets" / "gpt2_tokenizer"
+    ranks_file = ROOT / "resources" / "assets" / "gpt2_tiktoken" / "gpt2.tiktoken"
+    docs = load_docs([train, heldout])
+    megabytes = sum(len(d.encode("utf-8")) for d in docs) / 1e6
+    print(f"{len(docs)} documents, {megabytes:.1f} MB, {args.threads} threads")
+
+    with tempfile.TemporaryDirectory() as tmp:
+        ours, peak_1x = run_analysis(train, heldout, tokenizer, args.threads, Path(tmp) / "a")
+        stats = json.loads((Path(tmp) / "a" / "corpus_stats.json").read_text())
+    our_tokens = stats["train"]["tokens"] + stats["heldout"]["tokens"]
+
+    import tiktoken
+    from tiktoken.load import load_tiktoken_bpe
+
+    enc = tiktoken.Encoding("gpt2", pat_str=GPT2_SPLIT, mergeable_ranks=load_tiktoken_bpe(str(ranks_file)), special_tokens={})
+    start = time.perf_counter()
+    tik_tokens = sum(map(len, enc.encode_ordinary_batch(docs, num_threads=args.threads)))
+    tik = time.perf_counter() - start
+
+    os.environ["RAYON_NUM_THREADS"] = str(args.threads)
+    from tokenizers import Tokenizer
+
+    hf_tok = Tokenizer.from_file(str(tokenizer / "tokenizer.json"))
+    start = time.perf_counter()
+    hf_tokens = sum(len(e.ids) for e in hf_tok.encode_batch(docs, add_special_tokens=False))
+    hf = time.perf_counter() - start
+
+    print(f"{'way':<40}{'seconds':>9}{'MB/s':>8}{'tokens':>12}{'vs tiktoken':>13}")
+    for name, seconds, tokens in (
+        ("analysis (all outputs written)", ours, our_tokens),
+        ("tiktoken encode_ordinary_batch", tik, tik_tokens),
+        ("HF tokenizers encode_batch", hf, hf_tokens),
+    ):
+        print(f"{name:<40}{seconds:>9.1f}{megabytes / seconds:>8.2f}{tokens:>12}{tik / seconds:>12.2f}x")
+    assert our_tokens == hf_tokens == tik_tokens, "token counts differ"
+
+    if args.skip_memory:
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        big = Path(tmp) / "train4x.jsonl"
+        with open(train, encoding="utf-8") as src, open(big, "w", encoding="utf-8") as out:
+            for line in src:
+                text = json.loads(line)["text"]
+                for copy in range(4):
+                    out.write(json.dumps({"text": f"{text} (사본 {copy})"}, ensure_ascii=False) + "\n")
+        seconds_4x, peak_4x = run_analysis(big, heldout, tokenizer, args.threads, Path(tmp) / "b")
+    print(f"peak memory (largest process): {peak_1x:.0f} MiB on {megabytes:.0f} MB; "
+          f"{peak_4x:.0f} MiB on 4x as much distinct text ({seconds_4x:.1f} s); ratio {peak_4x / peak_1x:.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,94 @@
+#!/usr/bin/env bash
+# A real one-node Slurm cluster on this machine, for tests: munge, slurmctld, slurmd and a fake GPU.
+#   bash tests/slurm/cluster.sh start   # writes /etc/slurm/slurm.conf, starts the daemons, waits for idle
+#   bash tests/slurm/cluster.sh stop    # stops every daemon it started, by the PIDs it recorded
+# Needs root and the Debian packages slurmctld slurmd slurm-client munge (setup.sh installs them
+# with IVR_SETUP_TEST_TOOLS=1). The configuration must live at /etc/slurm/slurm.conf: the jobstep
+# plugin drops SLURM_CONF before its inner srun.
+set -euo pipefail
+STATE=${IVR_SLURM_STATE:-/tmp/ivr-slurm}
+CONF=/etc/slurm/slurm.conf
+MARK="# written by ivr tests/slurm/cluster.sh"
+
+start() {
+  if [[ -f $CONF ]] && ! grep -q "$MARK" "$CONF"; then
+    echo "cluster.sh: $CONF exists and is not ours; refusing to overwrite it" >&2
+    exit 1
+  fi
+  mkdir -p "$STATE"/{state,spool,log} /etc/slurm /run/munge
+  chown munge:munge /run/munge
+  local host cpus mem
+  host=$(hostname -s)
+  cpus=$(nproc)
+  mem=$(($(awk '/MemTotal/ {print int($2/1024)}' /proc/meminfo) - 1024))
+  cat >"$CONF" <<CONF
+$MARK
+ClusterName=ivrtest
+SlurmctldHost=$host
+SlurmUser=root
+AuthType=auth/munge
+CredType=cred/munge
+MpiDefault=none
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+JobCompType=jobcomp/none
+SchedulerType=sched/backfill
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core_Memory
+DefMemPerCPU=500
+ReturnToService=2
+MinJobAge=300
+StateSaveLocation=$STATE/state
+SlurmdSpoolDir=$STATE/spool
+SlurmctldPidFile=$STATE/slurmctld.pid
+SlurmdPidFile=$STATE/slurmd.pid
+SlurmctldLogFile=$STATE/log/slurmctld.log
+SlurmdLogFile=$STATE/log/slurmd.log
+GresTypes=gpu
+AccountingStorageType=accounting_storage/none
+JobAcctGatherType=jobacct_gather/none
+NodeName=$host CPUs=$cpus Boards=1 SocketsPerBoard=1 CoresPerSocket=$cpus ThreadsPerCore=1 RealMemory=$mem NodeAddr=127.0.0.1 Gres=gpu:1 State=UNKNOWN
+PartitionName=cpu Nodes=$host Default=YES MaxTime=INFINITE State=UP
+PartitionName=gpu Nodes=$host MaxTime=INFINITE State=UP
+CONF
+  echo "NodeName=$host Name=gpu File=/dev/null" >/etc/slurm/gres.conf
+  if [[ ! -s /etc/munge/munge.key ]]; then
+    dd if=/dev/urandom of=/etc/munge/munge.key bs=1024 count=1 status=none
+    chown munge:munge /etc/munge/munge.key
+    chmod 400 /etc/munge/munge.key
+  fi
+  runuser -u munge -- /usr/sbin/munged --pid-file="$STATE/munged.pid" 2>/dev/null || runuser -u munge -- /usr/sbin/munged
+  [[ -s $STATE/munged.pid ]] || pgrep -n munged >"$STATE/munged.pid"
+  slurmctld
+  slurmd
+  for _ in $(seq 60); do
+    if [[ $(sinfo -h -o %T 2>/dev/null | head -1) == idle ]]; then
+      echo "cluster.sh: slurm is up on $host"
+      return 0
+    fi
+    sleep 1
+  done
+  echo "cluster.sh: the node never became idle; see $STATE/log" >&2
+  sinfo >&2 || true
+  exit 1
+}
+
+stop() {
+  for name in slurmd slurmctld munged; do
+    local pidfile=$STATE/$name.pid
+    if [[ -s $pidfile ]]; then
+      kill "$(cat "$pidfile")" 2>/dev/null || true
+      rm -f "$pidfile"
+    fi
+  done
+  echo "cluster.sh: stopped"
+}
+
+case "${1:-}" in
+start) start ;;
+stop) stop ;;
+*)
+  echo "usage: $0 start|stop" >&2
+  exit 2
+  ;;
+esac
