@@ -11,9 +11,14 @@ configfile: "config/config.yaml"
 include: "rules/common.smk"
 include: "rules/assets.smk"
 include: "rules/corpus.smk"
+include: "rules/distill.smk"
+include: "rules/embeddings.smk"
+include: "rules/train.smk"
+include: "rules/remap.smk"
+include: "rules/validate.smk"
 
 
 rule all:
     default_target: True
     input:
-        "results/analysis/corpus_stats.json",
+        "results/final_model",

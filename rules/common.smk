@@ -69,6 +69,12 @@ def general_split_args(wildcards, input):
     return f"--general-train {input.general_train!r} --general-heldout {input.general_heldout!r}"
 
 
+def heldout_texts():
+    """The held-out splits: the domain corpus's, and the general corpus's when one is configured."""
+    general = ["results/corpus/general/heldout.jsonl"] if has_general() else []
+    return ["results/corpus/domain/heldout.jsonl", *general]
+
+
 def base_model():
     """Local folder (or hub id) of the base model; a .gguf file is converted under resources/models."""
     model = config["base_model"]
@@ -88,3 +94,177 @@ def local_inputs(*names):
         if name.startswith("resources/") or Path(name).exists():
             out.append(asset_folder(name))
     return sorted(set(out))
+
+
+# ---- fine-tuning (rules/train.smk) ----
+import json
+import shlex
+
+
+wildcard_constraints:
+    branch="ivr|control",
+    trained="sft|control",
+
+
+def branch_model(branch):
+    """The model folder (and tokenizer) of a branch: the initialized IVR model or the base model."""
+    return "results/model/initialized" if branch == "ivr" else base_model()
+
+
+def branch_model_inputs(branch):
+    model = branch_model(branch)
+    return [model] if branch == "ivr" else local_inputs(model)
+
+
+def trained_branch(wildcards):
+    return "ivr" if wildcards.trained == "sft" else "control"
+
+
+def trained_models():
+    """The fine-tuned models the configuration asks for (the control only when training.control is on)."""
+    return ["results/model/sft"] + (
+        ["results/model/control"] if config["training"]["control"] else []
+    )
+
+
+def uses_general():
+    return has_general() and config["training"]["general_share"] > 0
+
+
+def pack_inputs(wildcards):
+    training = config["training"]
+    inputs = {
+        "train": "results/corpus/domain/train.jsonl",
+        "model": branch_model_inputs(wildcards.branch),
+    }
+    if uses_general():
+        inputs["general"] = "results/corpus/general/train.jsonl"
+    if training["sft_data"]:
+        inputs["sft"] = training["sft_data"]
+        inputs["template"] = local_inputs(base_model())
+    return inputs
+
+
+def pack_args(wildcards, input):
+    training = config["training"]
+    args = []
+    if uses_general():
+        args += [
+            "--general",
+            input.general,
+            "--general-share",
+            training["general_share"],
+        ]
+    if training["sft_data"]:
+        args += ["--sft", input.sft, "--chat-template-from", base_model()]
+    return " ".join(shlex.quote(str(a)) for a in args)
+
+
+def train_inputs(wildcards):
+    branch = trained_branch(wildcards)
+    inputs = {
+        "model": branch_model_inputs(branch),
+        "data": f"results/data/{branch}/meta.json",
+        "budget": "results/data/ivr/meta.json",
+    }
+    if branch == "ivr":
+        inputs["rules"] = "results/remap/remap_rules.yaml"
+    return inputs
+
+
+def accelerate_config():
+    name = config["training"]["accelerate"]
+    return str(Path(workflow.basedir) / "config" / "accelerate" / f"{name}.yaml")
+
+
+# ---- validation and the final model (rules/validate.smk) ----
+def validate_inputs(wildcards):
+    inputs = {
+        "heldout": "results/corpus/domain/heldout.jsonl",
+        "initialized": "results/model/initialized",
+        "sft": "results/model/sft",
+        "compression": "results/remap/compression.json",
+        "base": local_inputs(base_model()),
+    }
+    if has_general():
+        inputs["general"] = "results/corpus/general/heldout.jsonl"
+    if config["training"]["control"]:
+        inputs["control"] = "results/model/control"
+    if config["ivr"]["backend"] == "unigram":
+        inputs["fidelity"] = "results/tokenizer/distilled/fidelity.json"
+    return inputs
+
+
+def validate_args(wildcards, input):
+    """Optional validation arguments: general text, the control, distillation fidelity."""
+    args = ["--compression", input.compression]
+    for key, flag in (("general", "--general-heldout"), ("control", "--control"), ("fidelity", "--fidelity")):
+        if key in input.keys():
+            args += [flag, input[key]]
+    return " ".join(shlex.quote(str(a)) for a in args)
+
+
+def final_model_checksummed_inputs():
+    """Inputs whose SHA-256 goes into the final model's provenance: corpora and the base model."""
+    paths = list(config["corpus"]["paths"])
+    if has_general():
+        paths += config["general_corpus"]["paths"]
+    if Path(config["base_model"]).exists():
+        paths.append(config["base_model"])
+    return paths
+
+
+# ---- reassignment (rules/remap.smk) ----
+import json
+import shlex
+
+
+def select_inputs(wildcards):
+    inputs = {
+        "pretokens": "results/analysis/pretokens.parquet",
+        "frequencies": "results/analysis/token_frequencies.parquet",
+        "base": local_inputs(base_tokenizer(), base_model()),
+    }
+    if config["ivr"]["rules_file"]:
+        inputs["rules_file"] = config["ivr"]["rules_file"]
+    return inputs
+
+
+def select_args(wildcards, input):
+    """Selection's choices: protected ids, named special tokens, or a user's rules file."""
+    ivr = config["ivr"]
+    args = ["--protected-ids", " ".join(map(str, ivr["protected_ids"]))]
+    if ivr["special_tokens"]:
+        args += ["--special-tokens", json.dumps(ivr["special_tokens"], sort_keys=True)]
+    if ivr["rules_file"]:
+        args += ["--rules-file", input.rules_file]
+    return " ".join(shlex.quote(str(a)) for a in args)
+
+
+def remap_inputs(wildcards):
+    inputs = {
+        "rules": "results/remap/remap_rules.yaml",
+        "candidates": "results/remap/candidates.tsv",
+        "pretokens": "results/analysis/pretokens.parquet",
+        "heldout": "results/corpus/domain/heldout.jsonl",
+        "base": local_inputs(base_tokenizer()),
+        "eval_texts": sorted(
+            {asset_folder(p) for t in config["ivr"]["eval_texts"] for p in t["paths"]}
+        ),
+    }
+    if has_general():
+        inputs["general_heldout"] = "results/corpus/general/heldout.jsonl"
+    if config["ivr"]["backend"] == "unigram":
+        inputs["distilled"] = "results/tokenizer/distilled"
+    return inputs
+
+
+def remap_args(wildcards, input):
+    args = []
+    if "distilled" in input.keys():
+        args += ["--distilled", input.distilled]
+    if "general_heldout" in input.keys():
+        args += ["--general-heldout", input.general_heldout]
+    for texts in config["ivr"]["eval_texts"]:
+        args += ["--extra", f"{texts['name']}={','.join(texts['paths'])}"]
+    return " ".join(shlex.quote(str(a)) for a in args)

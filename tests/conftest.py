@@ -87,3 +87,54 @@ def make_workdir(tmp: Path, gpt2_tokenizer_dir: Path) -> Path:
     (tmp / "resources" / "assets").symlink_to(ASSETS)
     make_tiny_gpt2(gpt2_tokenizer_dir, tmp / "resources" / "models" / "tiny-gpt2")
     return tmp
+
+
+@pytest.fixture(scope="session")
+def gpt2_bills_analysis(tmp_path_factory, gpt2_tokenizer_dir, bills_sample, english_texts) -> dict[str, Path]:
+    """The analysis (scripts/analyze_corpus.py) of 300 real bills and 30 pages of English with GPT-2,
+    plus 100 held-out bills and 10 held-out pages, all as JSON-lines splits."""
+    from analyze_corpus import analyze
+
+    folder = tmp_path_factory.mktemp("gpt2_bills")
+    bills = [json.loads(line)["text"] for line in bills_sample.read_text(encoding="utf-8").splitlines()]
+
+    def split(name: str, texts: list[str]) -> Path:
+        path = folder / f"{name}.jsonl"
+        path.write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in texts), encoding="utf-8")
+        return path
+
+    splits = {
+        "train": split("train", bills[:300]),
+        "heldout": split("heldout", bills[300:]),
+        "general_train": split("general_train", english_texts[:30]),
+        "general_heldout": split("general_heldout", english_texts[30:]),
+    }
+    analyze(str(gpt2_tokenizer_dir), splits, folder / "analysis", threads=1)
+    return {**splits, "analysis": folder / "analysis", "tokenizer": gpt2_tokenizer_dir}
+
+
+@pytest.fixture(scope="session")
+def gpt2_unigram_standin(tmp_path_factory, gpt2_bills_analysis) -> Path:
+    """A crude Unigram with GPT-2's vocabulary and ids (scores: log token frequency on the fixture's
+    training splits), standing in for the distilled tokenizer."""
+    import math
+
+    import pyarrow.parquet as pq
+    from transformers import AutoTokenizer
+
+    folder = tmp_path_factory.mktemp("unigram") / "distilled"
+    AutoTokenizer.from_pretrained(gpt2_bills_analysis["tokenizer"]).save_pretrained(folder)
+    spec = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))
+    table = pq.read_table(gpt2_bills_analysis["analysis"] / "token_frequencies.parquet").to_pydict()
+    counts = {i: c + g for i, c, g in zip(table["id"], table["count"], table["general_count"])}
+    total = sum(counts.values()) + len(counts)
+    vocab = spec["model"]["vocab"]
+    pieces = [None] * len(vocab)
+    for token, token_id in vocab.items():
+        pieces[token_id] = [token, math.log((counts.get(token_id, 0) + 1) / total)]
+    spec["model"] = {"type": "Unigram", "unk_id": None, "vocab": pieces, "byte_fallback": False}
+    (folder / "tokenizer.json").write_text(json.dumps(spec, ensure_ascii=False), encoding="utf-8")
+    config = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
+    config["tokenizer_class"] = "TokenizersBackend"
+    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
+    return folder

@@ -105,12 +105,14 @@ def bits_per_byte(
     context: int | None = None,
     stride: int | None = None,
     max_batch_tokens: int = 4096,
+    batch_size: int | None = None,
     device: str | torch.device | None = None,
 ) -> BitsPerByte:
     """Bits per byte of `texts`, each cut to `byte_budget` bytes and scored whole (sliding window past the context).
 
     context defaults to the model's; stride (how far each further window moves) to half of it.
-    Windows are batched up to max_batch_tokens padded tokens; the result depends only on the inputs.
+    Windows are batched up to max_batch_tokens padded tokens (and at most batch_size windows, if
+    given); the result depends only on the inputs.
     """
     if byte_budget < 1:
         raise UserError(f"byte budget {byte_budget}: must be at least 1")
@@ -134,7 +136,8 @@ def bits_per_byte(
     i = 0
     while i < len(pieces):
         longest = len(pieces[i][1])
-        batch = pieces[i : i + max(1, max_batch_tokens // longest)]
+        size = max(1, max_batch_tokens // longest)
+        batch = pieces[i : i + (min(size, batch_size) if batch_size else size)]
         i += len(batch)
         ids = torch.zeros((len(batch), longest), dtype=torch.long)
         mask = torch.zeros((len(batch), longest), dtype=torch.long)
@@ -181,6 +184,7 @@ class GenerationSpeed:
     tokens: int
     prompts: int
     new_tokens: int
+    continuations: list[str] = field(repr=False)
 
 
 @torch.inference_mode()
@@ -221,6 +225,7 @@ def generation_speed(
         generate(inputs[0])
     total_bytes = total_tokens = 0
     seconds = 0.0
+    continuations = []
     for ids in inputs:
         sync()
         began = time.perf_counter()
@@ -230,6 +235,7 @@ def generation_speed(
         total_tokens += len(out)
         text = tokenizer.decode(out.tolist(), skip_special_tokens=True)
         total_bytes += len(unicodedata.normalize("NFC", text).encode("utf-8"))
+        continuations.append(text)
     return GenerationSpeed(
         bytes_per_second=total_bytes / seconds,
         tokens_per_second=total_tokens / seconds,
@@ -238,4 +244,5 @@ def generation_speed(
         tokens=total_tokens,
         prompts=len(prompts),
         new_tokens=new_tokens,
+        continuations=continuations,
     )

@@ -58,6 +58,21 @@ def load_causal_lm(
     return model.to(device).eval()
 
 
+def load_tokenizer(name_or_path: str | os.PathLike, *, trust_remote_code: bool = False):
+    """A fast tokenizer from a local folder or hub id."""
+    from transformers import AutoTokenizer
+
+    name = str(name_or_path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"{name}: cannot load a tokenizer ({first})") from None
+    if not getattr(tokenizer, "is_fast", False):
+        raise UserError(f"{name}: only a slow tokenizer is available; a fast (tokenizer.json) tokenizer is needed")
+    return tokenizer
+
+
 def _module_name(model: torch.nn.Module, target: torch.nn.Module) -> str:
     for name, module in model.named_modules(remove_duplicate=False):
         if module is target:

@@ -1,0 +1,64 @@
+# Stage 5, fine-tuning: the training split packed into blocks with each branch's tokenizer (ivr: the
+# initialized model's remapped one; control: the base model's), then each model fine-tuned under
+# `accelerate launch`. Resumable state lives in results/checkpoints/, which no rule declares, so a
+# failed or killed job keeps it and the rerun resumes.
+
+
+rule pack_data:
+    input:
+        unpack(pack_inputs),
+    output:
+        ids="results/data/{branch}/input_ids.bin",
+        mask="results/data/{branch}/loss_mask.bin",
+        meta="results/data/{branch}/meta.json",
+    log:
+        "logs/pack_data/{branch}.log",
+    benchmark:
+        "benchmarks/pack_data/{branch}.tsv"
+    conda:
+        ENV
+    threads: config["training"]["threads"]
+    params:
+        script=script("pack_data.py"),
+        tokenizer=lambda wildcards: branch_model(wildcards.branch),
+        extra=pack_args,
+        opts=config["training"],
+        trust="--trust-remote-code" if config["trust_remote_code"] else "",
+    shell:
+        "python {params.script:q} --tokenizer {params.tokenizer:q} --train {input.train:q} {params.extra}"
+        " --block-size {params.opts[block_size]} --seed {params.opts[seed]} --threads {threads}"
+        " {params.trust} --out-dir results/data/{wildcards.branch} > {log:q} 2>&1"
+
+
+rule train_sft:
+    input:
+        unpack(train_inputs),
+    output:
+        directory("results/model/{trained}"),
+    log:
+        "logs/train_sft/{trained}.log",
+    benchmark:
+        "benchmarks/train_sft/{trained}.tsv"
+    conda:
+        ENV
+    threads: config["training"]["threads"]
+    resources:
+        gpu=config["training"]["gpus"],
+    params:
+        script=script("train_sft.py"),
+        accelerate=accelerate_config(),
+        processes=lambda wildcards, resources: max(1, int(resources.gpu)),
+        model=lambda wildcards: branch_model(trained_branch(wildcards)),
+        data=lambda wildcards: f"results/data/{trained_branch(wildcards)}",
+        rules=lambda wildcards, input: (
+            f"--rules {shlex.quote(input.rules)}" if "rules" in input.keys() else ""
+        ),
+        settings=json.dumps(config["training"], sort_keys=True),
+        checkpoints="results/checkpoints/{trained}",
+        trust="--trust-remote-code" if config["trust_remote_code"] else "",
+    shell:
+        "accelerate launch --config_file {params.accelerate:q} --num_processes {params.processes}"
+        " --num_machines 1 --num_cpu_threads_per_process {threads}"
+        " {params.script:q} --model {params.model:q} --data {params.data:q} {params.rules}"
+        " --budget-from {input.budget:q} --settings {params.settings:q} --threads {threads}"
+        " {params.trust} --checkpoint-dir {params.checkpoints:q} --out {output:q} > {log:q} 2>&1"

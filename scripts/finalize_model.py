@@ -1,0 +1,172 @@
+#!/usr/bin/env python3
+"""Write results/final_model: the fine-tuned model a user loads with from_pretrained, if the gates pass.
+
+Reads the validation report; when a gate failed, stops with one line per failed gate naming it, its
+threshold and the measured value, and writes nothing. Otherwise copies the fine-tuned model with its
+remapped tokenizer, adds the base model's chat template and generation config where missing, the remap
+rules, a model card (README.md) with the headline numbers, how to load it and its provenance, and
+PROVENANCE.json (resolved config, checksums of the inputs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from ivr.cli import UserError, atomic_path, log, run_main  # noqa: E402
+
+
+def failed_gates(validation: dict) -> list[str]:
+    return [
+        f"gate '{g['name']}' failed: measured {g['measured']:.4f}, threshold {g['threshold']:.4f} ({g['rule']})"
+        for g in validation["gates"] if not g["passed"]
+    ]
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def checksums(paths: list[Path]) -> dict[str, str]:
+    out = {}
+    for path in paths:
+        files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+        for file in files:
+            out[str(file)] = file_sha256(file)
+    return out
+
+
+def model_card(validation: dict, provenance: dict, repo_name: str) -> str:
+    head = validation["headline"]
+    pct = lambda v: f"{v * 100:.1f} %" if v is not None else "–"  # noqa: E731
+    num = lambda v: f"{v:.3f}" if isinstance(v, (int, float)) else "–"  # noqa: E731
+    base = provenance["base_model"]
+    return f"""---
+library_name: transformers
+tags: [vocabulary-adaptation, ivr]
+---
+# {repo_name}
+
+{base['name']} with its vocabulary reassigned in place for the domain corpus: {provenance['reassigned']} token
+slots that the domain never needed now hold frequent domain pieces; their embeddings were rebuilt and
+the model fine-tuned. Vocabulary size and model shape are unchanged.
+
+| held-out measure | base | control | IVR |
+|---|---|---|---|
+| domain tokens per byte | {num(head['domain_tokens_per_byte']['base'])} | {num(head['domain_tokens_per_byte']['base'])} | {num(head['domain_tokens_per_byte']['ivr'])} |
+| domain bits per byte | {num(head['domain_bpb'].get('base'))} | {num(head['domain_bpb'].get('control'))} | {num(head['domain_bpb'].get('sft'))} |
+| general-text bits per byte | {num(head['general_bpb'].get('base'))} | {num(head['general_bpb'].get('control'))} | {num(head['general_bpb'].get('sft'))} |
+| generation, bytes of text per second | {num(head['generation_bytes_per_second'].get('base'))} | {num(head['generation_bytes_per_second'].get('control'))} | {num(head['generation_bytes_per_second'].get('sft'))} |
+
+Domain text needs {pct(head['domain_tokens_per_byte_reduction'])} fewer tokens than with the base tokenizer.
+
+## Use
+
+```python
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+tokenizer = AutoTokenizer.from_pretrained("{repo_name}")
+model = AutoModelForCausalLM.from_pretrained("{repo_name}")
+inputs = tokenizer("제안이유", return_tensors="pt")
+print(tokenizer.decode(model.generate(**inputs, max_new_tokens=40)[0]))
+```
+
+Use this tokenizer, not the base model's: the reassigned ids mean other strings now. `remap_rules.yaml`
+lists every reassigned id with its old and new token.
+
+## Provenance
+
+- Base model: {base['name']} ({base['form']}); licence {base.get('licence', 'see the base model')}.
+- Domain corpus: {provenance['corpus']}.
+- General text: {provenance['general_corpus']}.
+- The resolved configuration and SHA-256 checksums of every input are in `PROVENANCE.json`.
+"""
+
+
+def describe_base(base_model: str) -> dict:
+    path = Path(base_model)
+    info = {"name": path.name if path.exists() else base_model, "form": "as published"}
+    provenance = path / "PROVENANCE.json"
+    if provenance.exists():
+        data = json.loads(provenance.read_text())
+        info["form"] = data.get("form", info["form"])
+        info["source"] = data.get("source")
+        info["name"] = data.get("source", info["name"]).split(".")[0]
+    source = path.parent.parent / "assets" / "smollm2_gguf" / "SOURCE.json"
+    if source.exists() and "SmolLM2" in info["name"]:
+        info["licence"] = json.loads(source.read_text()).get("licence")
+    return info
+
+
+def describe_corpus(paths: list[str]) -> str:
+    parts = []
+    for raw in paths:
+        source = Path(*Path(raw).parts[:3]) / "SOURCE.json" if Path(raw).parts[:2] == ("resources", "assets") else None
+        if source and source.exists():
+            data = json.loads(source.read_text())
+            parts.append(f"{data['description']} (licence {data['licence']})")
+        else:
+            parts.append(raw)
+    return "; ".join(parts) or "none"
+
+
+def finalize(args: argparse.Namespace) -> None:
+    validation = json.loads(args.validation.read_text())
+    failures = failed_gates(validation)
+    if failures:
+        raise UserError(f"{args.validation}: " + "; ".join(failures) + " (see the report beside it; no final model written)")
+    config = args.config or {}
+    rules = yaml.safe_load(args.rules.read_text())
+    provenance = {
+        "base_model": describe_base(args.base_model),
+        "reassigned": len(rules.get("reassignments", [])),
+        "corpus": describe_corpus(config.get("corpus", {}).get("paths", [])),
+        "general_corpus": describe_corpus((config.get("general_corpus") or {}).get("paths", [])),
+        "config": config,
+        "inputs_sha256": checksums([p for p in args.inputs if p.exists()]),
+    }
+    with atomic_path(args.out) as tmp:
+        shutil.copytree(args.model, tmp)
+        for name in ("checkpoints",):
+            shutil.rmtree(tmp / name, ignore_errors=True)
+        base = Path(args.base_model)
+        for name in ("chat_template.jinja", "generation_config.json"):
+            if (base / name).exists() and not (tmp / name).exists():
+                shutil.copy2(base / name, tmp / name)
+        shutil.copy2(args.rules, tmp / "remap_rules.yaml")
+        shutil.copy2(args.validation, tmp / "validation.json")
+        (tmp / "PROVENANCE.json").write_text(json.dumps(provenance, indent=2, ensure_ascii=False) + "\n")
+        (tmp / "README.md").write_text(model_card(validation, provenance, args.out.name), encoding="utf-8")
+    log.info("wrote %s", args.out)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", type=Path, required=True, help="the fine-tuned model folder")
+    parser.add_argument("--validation", type=Path, required=True, help="validation.json")
+    parser.add_argument("--rules", type=Path, required=True, help="remap_rules.yaml")
+    parser.add_argument("--base-model", required=True)
+    parser.add_argument("--config", type=json.loads, help="the resolved configuration, as JSON")
+    parser.add_argument("--inputs", type=Path, nargs="*", default=[], help="input files to checksum")
+    parser.add_argument("--out", type=Path, required=True)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    finalize(parse_args(argv))
+
+
+if __name__ == "__main__":
+    run_main(main)

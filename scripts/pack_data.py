@@ -1,0 +1,268 @@
+#!/usr/bin/env python3
+"""Pack a training split into fixed-length token blocks for fine-tuning.
+
+Documents (the domain split, plus an optional share of general text against forgetting) are shuffled
+with a seed, tokenized without special tokens, joined with the tokenizer's EOS after every document
+and cut into blocks of --block-size tokens; the last block is padded. Optional prompt/completion
+examples (JSON lines {"prompt", "completion"}) are rendered with the chat template of
+--chat-template-from when it has one, packed whole into their own padded blocks, and only their
+completion tokens are labels. Writes into --out-dir:
+
+  input_ids.bin   token ids, blocks x block_size, little-endian uint16 (uint32 for vocabularies > 65536)
+  loss_mask.bin   uint8, same shape: 1 where the token is a label, 0 for prompts and padding
+  meta.json       shapes, dtype, EOS/PAD ids, counts of documents, bytes, tokens and a digest
+
+The mask, not the token id, marks padding: a tokenizer whose PAD equals its EOS still gets its real
+EOS tokens as labels. The same documents in the same order reach both branches (IVR, control), so
+a fraction of an epoch covers the same text whichever tokenizer cut it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from ivr.cli import UserError, atomic_outputs, log, progress, run_main  # noqa: E402
+from ivr.corpus import iter_jsonl_texts  # noqa: E402
+from ivr.modeling import load_tokenizer  # noqa: E402
+
+BATCH_DOCUMENTS = 256
+
+
+def eos_tokenizer(path: str, trust_remote_code: bool = False):
+    tok = load_tokenizer(path, trust_remote_code=trust_remote_code)
+    if tok.eos_token_id is None:
+        raise UserError(f"{path}: the tokenizer has no EOS token, which packing puts between documents")
+    return tok
+
+
+def select_general(general: list[str], domain_bytes: int, share: float, seed: int) -> list[str]:
+    """General documents (seeded order) until they make up `share` of all training bytes."""
+    if share <= 0 or not general:
+        return []
+    want = share / (1 - share) * domain_bytes
+    order = np.random.default_rng(seed + 1).permutation(len(general))
+    chosen, total = [], 0
+    for i in order:
+        if total >= want:
+            break
+        chosen.append(general[i])
+        total += len(general[i].encode("utf-8"))
+    if total < want:
+        log.warning("general text: only %d bytes available, %.1f%% of training bytes instead of %.1f%%",
+                    total, 100 * total / (total + domain_bytes), 100 * share)
+    return chosen
+
+
+def encode_all(tok, texts: list[str], what: str) -> list[np.ndarray]:
+    """Token ids of each text (no special tokens added), encoded in parallel batches."""
+    backend = tok.backend_tokenizer
+    encode = getattr(backend, "encode_batch_fast", backend.encode_batch)
+    out: list[np.ndarray] = []
+    with progress(total=sum(len(t) for t in texts), unit="char", unit_scale=True, desc=f"tokenizing {what}") as bar:
+        for start in range(0, len(texts), BATCH_DOCUMENTS):
+            batch = texts[start : start + BATCH_DOCUMENTS]
+            out.extend(np.asarray(e.ids, dtype=np.int32) for e in encode(batch, add_special_tokens=False))
+            bar.update(sum(len(t) for t in batch))
+    return out
+
+
+def pack_stream(docs: list[np.ndarray], eos_id: int, pad_id: int, block_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Documents joined with EOS after each, cut into blocks; the tail block is padded (mask 0)."""
+    length = sum(len(d) + 1 for d in docs)
+    blocks = -(-length // block_size)
+    ids = np.full(blocks * block_size, pad_id, dtype=np.int64)
+    mask = np.zeros(blocks * block_size, dtype=np.uint8)
+    at = 0
+    for doc in docs:
+        ids[at : at + len(doc)] = doc
+        ids[at + len(doc)] = eos_id
+        at += len(doc) + 1
+    mask[:length] = 1
+    return ids.reshape(blocks, block_size), mask.reshape(blocks, block_size)
+
+
+def render_examples(records: list[dict], template_tok, eos_token: str) -> list[tuple[str, str]]:
+    """(prompt, completion) texts: through the chat template when there is one, else as given plus EOS."""
+    out = []
+    for record in records:
+        prompt, completion = record["prompt"], record["completion"]
+        if template_tok is None:
+            out.append((prompt, completion + eos_token))
+            continue
+        user = [{"role": "user", "content": prompt}]
+        head = template_tok.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
+        full = template_tok.apply_chat_template(user + [{"role": "assistant", "content": completion}], tokenize=False)
+        if not full.startswith(head):
+            raise UserError("chat template: the rendered prompt is not a prefix of the rendered conversation, "
+                            "so the prompt cannot be masked out of the labels")
+        out.append((head, full[len(head) :]))
+    return out
+
+
+def pack_examples(prompts: list[np.ndarray], completions: list[np.ndarray], pad_id: int,
+                  block_size: int) -> tuple[np.ndarray, np.ndarray, dict]:
+    """Whole examples packed in order into padded blocks; labels (mask 1) only on completions.
+
+    An example longer than a block is cut at the block end; one whose prompt fills the block is
+    skipped, as it would teach nothing.
+    """
+    rows_ids: list[np.ndarray] = []
+    rows_mask: list[np.ndarray] = []
+    ids = np.full(block_size, pad_id, dtype=np.int64)
+    mask = np.zeros(block_size, dtype=np.uint8)
+    used = truncated = skipped = tokens = 0
+    for prompt, completion in zip(prompts, completions):
+        if len(prompt) >= block_size:
+            skipped += 1
+            continue
+        example = np.concatenate([prompt, completion]).astype(np.int64)
+        labels = np.concatenate([np.zeros(len(prompt), np.uint8), np.ones(len(completion), np.uint8)])
+        if len(example) > block_size:
+            example, labels = example[:block_size], labels[:block_size]
+            truncated += 1
+        if used + len(example) > block_size:
+            rows_ids.append(ids)
+            rows_mask.append(mask)
+            ids = np.full(block_size, pad_id, dtype=np.int64)
+            mask = np.zeros(block_size, dtype=np.uint8)
+            used = 0
+        ids[used : used + len(example)] = example
+        mask[used : used + len(example)] = labels
+        used += len(example)
+        tokens += len(example)
+    if used:
+        rows_ids.append(ids)
+        rows_mask.append(mask)
+    shape = (len(rows_ids), block_size)
+    stack = (lambda rows, dt: np.stack(rows) if rows else np.zeros(shape, dt))
+    counts = {"truncated": truncated, "skipped": skipped, "tokens": tokens}
+    return stack(rows_ids, np.int64), stack(rows_mask, np.uint8), counts
+
+
+def interleave(first: int, second: int) -> np.ndarray:
+    """Order of first+second blocks that spreads the second kind evenly through the first."""
+    keys = np.concatenate([(np.arange(first) + 0.5) / max(first, 1), (np.arange(second) + 0.5) / max(second, 1)])
+    return np.argsort(keys, kind="stable")
+
+
+def read_examples(path: str) -> list[dict]:
+    records = []
+    with open(path, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}: line {number}"
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise UserError(f"{where}: not valid JSON ({err.msg})") from None
+            if not isinstance(record, dict) or not all(isinstance(record.get(k), str) for k in ("prompt", "completion")):
+                raise UserError(f"{where}: expected an object with string keys 'prompt' and 'completion'")
+            records.append(record)
+    if not records:
+        raise UserError(f"{path}: no prompt/completion examples")
+    return records
+
+
+def pack(args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray, dict]:
+    tok = eos_tokenizer(args.tokenizer, args.trust_remote_code)
+    eos_id = tok.eos_token_id
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else eos_id
+    vocab = len(tok)
+
+    domain = list(iter_jsonl_texts(args.train))
+    if not domain:
+        raise UserError(f"{args.train}: no documents")
+    domain_bytes = sum(len(t.encode("utf-8")) for t in domain)
+    general = select_general(list(iter_jsonl_texts(args.general)) if args.general else [], domain_bytes,
+                             args.general_share, args.seed)
+    texts = domain + general
+    order = np.random.default_rng(args.seed).permutation(len(texts))
+    texts = [texts[i] for i in order]
+    ids, mask = pack_stream(encode_all(tok, texts, "documents"), eos_id, pad_id, args.block_size)
+    text_blocks, text_tokens = len(ids), int(mask.sum())
+
+    sft: dict = {"examples": 0, "blocks": 0, "truncated": 0, "skipped": 0, "tokens": 0, "chat_template": False}
+    if args.sft:
+        template_tok = None
+        if args.chat_template_from:
+            source = load_tokenizer(args.chat_template_from, trust_remote_code=args.trust_remote_code)
+            template_tok = source if source.chat_template else None
+        pairs = render_examples(read_examples(args.sft), template_tok, tok.eos_token)
+        prompts = encode_all(tok, [p for p, _ in pairs], "prompts")
+        completions = encode_all(tok, [c for _, c in pairs], "completions")
+        sft_ids, sft_mask, counts = pack_examples(prompts, completions, pad_id, args.block_size)
+        order = interleave(len(ids), len(sft_ids))
+        ids, mask = np.concatenate([ids, sft_ids])[order], np.concatenate([mask, sft_mask])[order]
+        sft = {"examples": len(pairs), "blocks": len(sft_ids), **counts, "chat_template": template_tok is not None}
+    if not len(ids):
+        raise UserError("nothing to pack")
+
+    dtype = np.uint16 if vocab <= 2**16 else np.uint32
+    ids = ids.astype(dtype)
+    digest = hashlib.blake2b(ids.tobytes(), digest_size=16)
+    digest.update(mask.tobytes())
+    meta = {
+        "format": 1,
+        "block_size": args.block_size,
+        "blocks": len(ids),
+        "text_blocks": text_blocks,
+        "dtype": np.dtype(dtype).name,
+        "vocab_size": vocab,
+        "eos_id": eos_id,
+        "pad_id": pad_id,
+        "pad_is_eos": pad_id == eos_id,
+        "tokens": text_tokens + sft.get("tokens", 0),
+        "label_tokens": int(mask.sum()),
+        "documents": {"domain": len(domain), "general": len(general)},
+        "bytes": {"domain": domain_bytes, "general": sum(len(t.encode("utf-8")) for t in general)},
+        "sft": sft,
+        "seed": args.seed,
+        "digest": digest.hexdigest(),
+    }
+    return ids, mask, meta
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tokenizer", required=True, help="tokenizer folder (the model folder of this branch)")
+    parser.add_argument("--train", required=True, help="domain training split, JSON lines {'text'}")
+    parser.add_argument("--general", help="general training split, JSON lines {'text'}")
+    parser.add_argument("--general-share", type=float, default=0.0, help="share of training bytes from --general")
+    parser.add_argument("--sft", help="prompt/completion examples, JSON lines {'prompt', 'completion'}")
+    parser.add_argument("--chat-template-from", help="tokenizer whose chat template renders --sft (the base model)")
+    parser.add_argument("--block-size", type=int, default=1024)
+    parser.add_argument("--seed", type=int, default=1234)
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--trust-remote-code", action="store_true")
+    parser.add_argument("--out-dir", required=True)
+    args = parser.parse_args(argv)
+    if args.block_size < 2:
+        raise UserError("--block-size must be at least 2")
+    if not 0 <= args.general_share < 1:
+        raise UserError("--general-share must be in [0, 1)")
+    os.environ["RAYON_NUM_THREADS"] = str(args.threads)
+    os.environ["TOKENIZERS_PARALLELISM"] = "true"
+
+    ids, mask, meta = pack(args)
+    out = Path(args.out_dir)
+    with atomic_outputs(out / "input_ids.bin", out / "loss_mask.bin", out / "meta.json") as (ids_path, mask_path, meta_path):
+        ids.tofile(ids_path)
+        mask.tofile(mask_path)
+        meta_path.write_text(json.dumps(meta, indent=2) + "\n")
+    log.info("packed %d blocks of %d tokens (%d documents, %d label tokens, %d prompt/completion examples) into %s",
+             meta["blocks"], meta["block_size"], sum(meta["documents"].values()), meta["label_tokens"],
+             meta["sft"]["examples"], out)
+
+
+if __name__ == "__main__":
+    run_main(main)

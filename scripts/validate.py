@@ -1,0 +1,276 @@
+#!/usr/bin/env python3
+"""Validate the reassigned model against the right baselines, on held-out text no stage fitted on.
+
+Evaluates the base model (its own tokenizer), the initialized model, the fine-tuned (SFT) model and,
+when given, the control (the base model fine-tuned with its own tokenizer on the same documents):
+bits per byte and tokens per byte on the held-out domain split and on general text, and generation
+speed in bytes of text per second. Gathers distillation fidelity, compression, the frozen-row check,
+training curves and sample continuations, then writes validation.json (every number), validation.html
+(one self-contained page, plots embedded) and checks the configured gates: a failed gate is recorded
+in the report and makes `finalize_model.py` refuse to write the final model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import html
+import io
+import json
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from ivr.cli import UserError, atomic_outputs, log, run_main  # noqa: E402
+from ivr.corpus import iter_jsonl_texts  # noqa: E402
+
+MODELS = ("base", "initialized", "sft", "control")
+LABELS = {"base": "base", "initialized": "initialized (IVR, before training)", "sft": "IVR (fine-tuned)", "control": "control (base fine-tuned)"}
+
+
+def read_texts(path: Path | None, limit: int) -> list[str]:
+    if path is None or not path.exists():
+        return []
+    texts = []
+    for text in iter_jsonl_texts(path):
+        texts.append(text)
+        if len(texts) >= limit:
+            break
+    return texts
+
+
+def evaluate(name: str, path: str, domain: list[str], general: list[str], prompts: list[str], opts: argparse.Namespace) -> dict:
+    """Bits and tokens per byte on both held-out texts, and generation speed, of one model."""
+    import torch
+
+    from ivr.metrics import bits_per_byte, generation_speed
+    from ivr.modeling import load_causal_lm, load_tokenizer
+
+    log.info("evaluating %s (%s)", name, path)
+    device = opts.device if opts.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    model = load_causal_lm(path, device=device, dtype=torch.float32, trust_remote_code=opts.trust_remote_code)
+    tokenizer = load_tokenizer(path, trust_remote_code=opts.trust_remote_code)
+    result: dict = {"path": path}
+    for split, texts in (("domain", domain), ("general", general)):
+        if texts:
+            scored = bits_per_byte(model, tokenizer, texts, opts.byte_budget, batch_size=opts.batch_size)
+            result[split] = scored.to_dict(with_documents=False)
+    if prompts and opts.new_tokens:
+        result["generation"] = asdict(generation_speed(model, tokenizer, prompts, opts.new_tokens))
+    del model
+    return result
+
+
+def _plot_png(draw) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 3.2), dpi=110)
+    draw(ax)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    plt.close(fig)
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def _bars(ax, results: dict, split: str, key: str, title: str) -> None:
+    names = [n for n in MODELS if split in results["models"].get(n, {})]
+    values = [results["models"][n][split][key] for n in names]
+    ax.bar([LABELS[n].split(" (")[0] for n in names], values, color=["#888", "#bbb", "#2a7", "#47c"][: len(names)])
+    for i, v in enumerate(values):
+        ax.text(i, v, f"{v:.3f}", ha="center", va="bottom", fontsize=8)
+    ax.set_title(title, fontsize=10)
+
+
+def _curves(ax, logs: dict) -> None:
+    for name, rows in logs.items():
+        if rows:
+            ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], label=LABELS.get(name, name))
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss")
+    ax.legend(fontsize=8)
+    ax.set_title("training curves", fontsize=10)
+
+
+def fmt(value, digits: int = 3) -> str:
+    if value is None:
+        return "–"
+    return f"{value:.{digits}f}" if isinstance(value, float) else html.escape(str(value))
+
+
+def render_html(results: dict, logs: dict) -> str:
+    models = results["models"]
+    get = lambda n, s, k: models.get(n, {}).get(s, {}).get(k)  # noqa: E731
+    head = results["headline"]
+    rows = "".join(
+        f"<tr><td>{html.escape(LABELS[n])}</td><td>{fmt(get(n, 'domain', 'bits_per_byte'))}</td>"
+        f"<td>{fmt(get(n, 'domain', 'tokens_per_byte'))}</td><td>{fmt(get(n, 'general', 'bits_per_byte'))}</td>"
+        f"<td>{fmt(models.get(n, {}).get('generation', {}).get('bytes_per_second'), 1)}</td></tr>"
+        for n in MODELS if n in models
+    )
+    gates = "".join(
+        f"<tr class='{'pass' if g['passed'] else 'fail'}'><td>{html.escape(g['name'])}</td><td>{html.escape(g['rule'])}</td>"
+        f"<td>{fmt(g['measured'], 4)}</td><td>{fmt(g['threshold'], 4)}</td><td>{'pass' if g['passed'] else 'FAIL'}</td></tr>"
+        for g in results["gates"]
+    )
+    plots = [
+        _plot_png(lambda ax: _bars(ax, results, "domain", "bits_per_byte", "domain bits per byte (lower is better)")),
+        _plot_png(lambda ax: _bars(ax, results, "domain", "tokens_per_byte", "domain tokens per byte")),
+    ]
+    if any(get(n, "general", "bits_per_byte") for n in models):
+        plots.append(_plot_png(lambda ax: _bars(ax, results, "general", "bits_per_byte", "general-text bits per byte")))
+    if any(logs.values()):
+        plots.append(_plot_png(lambda ax: _curves(ax, logs)))
+    images = "".join(f"<img alt='plot {i + 1}' src='data:image/png;base64,{p}'>" for i, p in enumerate(plots))
+    samples = ""
+    prompts = results.get("prompts", [])
+    for i, prompt in enumerate(prompts):
+        cells = "".join(
+            f"<td>{html.escape(models[n]['generation']['continuations'][i])}</td>"
+            for n in MODELS if n in models and "generation" in models[n]
+        )
+        samples += f"<tr><td class='prompt'>{html.escape(prompt)}</td>{cells}</tr>"
+    sample_head = "".join(f"<th>{html.escape(LABELS[n])}</th>" for n in MODELS if n in models and "generation" in models[n])
+    details = html.escape(json.dumps({k: v for k, v in results.items() if k not in ("models", "prompts")}, indent=2, ensure_ascii=False))
+    verdict = "all gates pass" if results["gates_passed"] else "a gate failed: no final model was written"
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>IVR validation</title>
+<style>
+body{{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}}
+table{{border-collapse:collapse;margin:1em 0}} td,th{{border:1px solid #ccc;padding:.3em .6em;text-align:right}}
+td:first-child,th:first-child{{text-align:left}} .pass td:last-child{{color:#080}} .fail td{{background:#fdd}}
+.headline{{font-size:1.1em}} img{{max-width:48%;margin:.5%}} .samples td{{text-align:left;vertical-align:top;font-size:.85em}}
+pre{{background:#f6f6f6;padding:1em;overflow:auto;font-size:.8em}}
+</style></head><body>
+<h1>IVR validation: {html.escape(results['base_model'])}</h1>
+<p class="headline"><b>Domain:</b> {fmt(head['domain_tokens_per_byte_reduction'] * 100 if head['domain_tokens_per_byte_reduction'] is not None else None, 1)} % fewer tokens than the base;
+bits per byte base {fmt(head['domain_bpb']['base'])}, control {fmt(head['domain_bpb'].get('control'))}, IVR {fmt(head['domain_bpb']['sft'])}.
+<b>General text:</b> bits per byte base {fmt(head['general_bpb']['base'])}, IVR {fmt(head['general_bpb']['sft'])}.
+<b>Generation:</b> IVR {fmt(head['generation_speedup_vs_control'], 2)}x the control's bytes per second. <b>{verdict}</b>.</p>
+<table><tr><th>model</th><th>domain bits/byte</th><th>domain tokens/byte</th><th>general bits/byte</th><th>generation bytes/s</th></tr>{rows}</table>
+<h2>Gates</h2><table><tr><th>gate</th><th>rule</th><th>measured</th><th>threshold</th><th>result</th></tr>{gates}</table>
+<h2>Plots</h2>{images}
+<h2>Continuations of held-out prompts (greedy)</h2>
+<table class="samples"><tr><th>prompt</th>{sample_head}</tr>{samples}</table>
+<h2>Details</h2><pre>{details}</pre>
+</body></html>
+"""
+
+
+def check_gates(results: dict, gates: dict) -> list[dict]:
+    models = results["models"]
+    bpb = lambda n, s: models.get(n, {}).get(s, {}).get("bits_per_byte")  # noqa: E731
+    out = []
+    if bpb("sft", "general") is not None and bpb("base", "general") is not None:
+        limit = bpb("base", "general") + gates["general_bpb_tolerance"]
+        out.append({"name": "general_bpb", "rule": "IVR general-text bits/byte <= base + tolerance",
+                    "measured": bpb("sft", "general"), "threshold": limit, "passed": bpb("sft", "general") <= limit})
+    if gates["domain_better_than_initialized"] and bpb("initialized", "domain") is not None:
+        out.append({"name": "domain_vs_initialized", "rule": "IVR domain bits/byte < initialized model's",
+                    "measured": bpb("sft", "domain"), "threshold": bpb("initialized", "domain"),
+                    "passed": bpb("sft", "domain") < bpb("initialized", "domain")})
+    fidelity = results.get("fidelity", {}).get("pretoken_agreement")
+    if fidelity is not None:
+        out.append({"name": "fidelity", "rule": "pre-token agreement of the backend that ran >= threshold",
+                    "measured": fidelity, "threshold": gates["fidelity_min"], "passed": fidelity >= gates["fidelity_min"]})
+    if gates["ivr_vs_control"] and bpb("control", "domain") is not None:
+        limit = bpb("control", "domain") + gates["control_tolerance"]
+        out.append({"name": "ivr_vs_control", "rule": "IVR domain bits/byte <= control's + tolerance",
+                    "measured": bpb("sft", "domain"), "threshold": limit, "passed": bpb("sft", "domain") <= limit})
+    return out
+
+
+def headline(models: dict) -> dict:
+    get = lambda n, s, k: models.get(n, {}).get(s, {}).get(k)  # noqa: E731
+    base_tpb, ivr_tpb = get("base", "domain", "tokens_per_byte"), get("sft", "domain", "tokens_per_byte")
+    speed = lambda n: models.get(n, {}).get("generation", {}).get("bytes_per_second")  # noqa: E731
+    anchor = speed("control") or speed("base")
+    return {
+        "domain_tokens_per_byte": {"base": base_tpb, "ivr": ivr_tpb},
+        "domain_tokens_per_byte_reduction": 1 - ivr_tpb / base_tpb if base_tpb and ivr_tpb else None,
+        "domain_bpb": {n: get(n, "domain", "bits_per_byte") for n in MODELS if n in models},
+        "general_bpb": {n: get(n, "general", "bits_per_byte") for n in MODELS if n in models},
+        "generation_bytes_per_second": {n: speed(n) for n in MODELS if n in models},
+        "generation_speedup_vs_control": speed("sft") / anchor if speed("sft") and anchor else None,
+    }
+
+
+def read_jsonl(path: Path | None) -> list[dict]:
+    if path is None or not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def read_json(path: Path | None) -> dict:
+    return json.loads(path.read_text()) if path and path.exists() else {}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--heldout", type=Path, required=True, help="held-out domain split (JSON lines)")
+    parser.add_argument("--general-heldout", type=Path, help="held-out general text (JSON lines)")
+    parser.add_argument("--base-model", required=True)
+    parser.add_argument("--initialized", required=True)
+    parser.add_argument("--sft", required=True)
+    parser.add_argument("--control", help="the control model, if the control branch ran")
+    parser.add_argument("--fidelity", type=Path, help="fidelity.json of the distilled tokenizer")
+    parser.add_argument("--compression", type=Path, help="compression.json of the remapped tokenizer")
+    parser.add_argument("--max-documents", type=int, default=200)
+    parser.add_argument("--byte-budget", type=int, default=2000, help="bytes scored per document, the same for every model")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--prompts", type=int, default=4, help="held-out prompts for generation speed and samples")
+    parser.add_argument("--prompt-bytes", type=int, default=120)
+    parser.add_argument("--new-tokens", type=int, default=48)
+    parser.add_argument("--gates", type=json.loads, default="{}", help="JSON object of gate settings")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--trust-remote-code", action="store_true")
+    parser.add_argument("--out-json", type=Path, required=True)
+    parser.add_argument("--out-html", type=Path, required=True)
+    return parser.parse_args(argv)
+
+
+GATE_DEFAULTS = {"general_bpb_tolerance": 0.1, "domain_better_than_initialized": True, "fidelity_min": 0.999,
+                 "ivr_vs_control": False, "control_tolerance": 0.0}
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    gates = {**GATE_DEFAULTS, **args.gates}
+    domain = read_texts(args.heldout, args.max_documents)
+    if not domain:
+        raise UserError(f"{args.heldout}: the held-out split is empty or missing")
+    general = read_texts(args.general_heldout, args.max_documents)
+    from ivr.metrics import cut_to_bytes
+
+    prompts = [cut_to_bytes(t, args.prompt_bytes) for t in domain[: args.prompts]]
+    paths = {"base": args.base_model, "initialized": args.initialized, "sft": args.sft, "control": args.control}
+    models = {name: evaluate(name, path, domain, general, prompts, args) for name, path in paths.items() if path}
+    logs = {name: read_jsonl(Path(paths[name]) / "train_log.jsonl") for name in ("sft", "control") if paths[name]}
+    results = {
+        "base_model": args.base_model,
+        "protocol": {"documents": len(domain), "general_documents": len(general), "byte_budget": args.byte_budget,
+                     "prompts": len(prompts), "prompt_bytes": args.prompt_bytes, "new_tokens": args.new_tokens},
+        "models": models,
+        "prompts": prompts,
+        "fidelity": read_json(args.fidelity).get("heldout", read_json(args.fidelity)),
+        "compression": read_json(args.compression),
+        "training": {name: read_json(Path(paths[name]) / "training_summary.json") for name in ("sft", "control") if paths[name]},
+    }
+    results["headline"] = headline(models)
+    results["gates"] = check_gates(results, gates)
+    results["gates_passed"] = all(g["passed"] for g in results["gates"])
+    with atomic_outputs(args.out_json, args.out_html) as (out_json, out_html):
+        out_json.write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n")
+        out_html.write_text(render_html(results, logs), encoding="utf-8")
+    for gate in results["gates"]:
+        log.info("gate %s: %s (measured %.4f, threshold %.4f)", gate["name"], "pass" if gate["passed"] else "FAIL",
+                 gate["measured"], gate["threshold"])
+
+
+if __name__ == "__main__":
+    run_main(main)

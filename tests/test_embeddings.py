@@ -1,0 +1,331 @@
+"""Reordered embeddings and the initialized model: strategies, layouts, determinism, a model that loads."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+import init_model
+import reorder_embeddings
+from ivr.cli import UserError
+from ivr.modeling import embedding_layout, embedding_matrices, load_causal_lm
+from ivr.tokenization import to_bytelevel
+from reorder_embeddings import STRATEGIES, Reassignment, load_reassignments, position_weights
+
+KOREAN_WORDS = ["법률안", "국회의원", "대한민국", "개정하려는"]
+
+
+def reassignments_for(rows: int) -> list[Reassignment]:
+    return [
+        Reassignment(rows - 1, "ngram", "ab", (3, 5)),
+        Reassignment(rows - 3, "ngram", "abc", (3, 5, 7)),
+        Reassignment(rows - 6, "special", "<ToW>", (11, 12, 13)),
+        Reassignment(rows - 8, "unused_row", "x", (2,)),
+    ]
+
+
+def matrices(tied: bool, rows: int = 64, dim: int = 16) -> tuple[torch.Tensor, torch.Tensor | None]:
+    gen = torch.Generator().manual_seed(7)
+    inp = torch.randn(rows, dim, generator=gen) * 0.1 + 0.03
+    return inp, None if tied else torch.randn(rows, dim, generator=gen) * 0.2 - 0.05
+
+
+@pytest.mark.parametrize("tied", [True, False])
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_untouched_rows_bit_identical_and_inputs_unchanged(strategy, tied):
+    inp, out = matrices(tied)
+    before = (inp.clone(), None if out is None else out.clone())
+    rules = reassignments_for(inp.shape[0])
+    new_in, new_out = reorder_embeddings.reorder_embeddings(inp, out, rules, strategy, seed=3)
+    keep = torch.ones(inp.shape[0], dtype=torch.bool)
+    keep[[r.id for r in rules]] = False
+    assert torch.equal(new_in[keep], inp[keep])
+    assert torch.equal(inp, before[0])  # pure: the given matrices are not modified
+    assert (new_out is None) == tied
+    if not tied:
+        assert torch.equal(new_out[keep], out[keep]) and torch.equal(out, before[1])
+    assert new_in.dtype == inp.dtype and new_in.shape == inp.shape
+    assert torch.isfinite(new_in).all()
+
+
+def test_untouched_rows_bit_identical_in_bfloat16():
+    inp = matrices(True)[0].to(torch.bfloat16)
+    rules = reassignments_for(inp.shape[0])
+    new_in, _ = reorder_embeddings.reorder_embeddings(inp, None, rules, "weighted")
+    keep = torch.ones(inp.shape[0], dtype=torch.bool)
+    keep[[r.id for r in rules]] = False
+    assert new_in.dtype == torch.bfloat16 and torch.equal(new_in[keep], inp[keep])
+
+
+@pytest.mark.parametrize("tied", [True, False])
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_strategies_deterministic_for_a_seed(strategy, tied):
+    inp, out = matrices(tied)
+    rules = reassignments_for(inp.shape[0])
+    first = reorder_embeddings.reorder_embeddings(inp, out, rules, strategy, seed=5)
+    again = reorder_embeddings.reorder_embeddings(inp, out, rules, strategy, seed=5)
+    other = reorder_embeddings.reorder_embeddings(inp, out, rules, strategy, seed=6)
+    for a, b, c in zip(first, again, other):
+        if a is None:
+            continue
+        assert torch.equal(a, b)
+        assert torch.equal(a, c) == (strategy != "random")  # only random depends on the seed
+
+
+def test_strategy_values_untied():
+    inp, out = matrices(False)
+    rules = reassignments_for(inp.shape[0])
+    ngram, triple, special, unused = rules
+
+    mean_in, mean_out = reorder_embeddings.reorder_embeddings(inp, out, rules, "subtoken_mean")
+    assert torch.allclose(mean_in[triple.id], inp[[3, 5, 7]].mean(0))
+    assert torch.allclose(mean_out[triple.id], out[[3, 5, 7]].mean(0))
+    assert torch.equal(mean_in[unused.id], inp[2])
+
+    w_in, w_out = reorder_embeddings.reorder_embeddings(inp, out, rules, "weighted", weighted_ratio=2.0)
+    # Input rows lean on the last sub-token (weights 1:2:4), output rows on the first (4:2:1).
+    assert torch.allclose(w_in[triple.id], (inp[3] + 2 * inp[5] + 4 * inp[7]) / 7)
+    assert torch.allclose(w_out[triple.id], (4 * out[3] + 2 * out[5] + out[7]) / 7)
+    # Special tokens start as the plain mean of their init text's tokens under every strategy.
+    for strategy in STRATEGIES:
+        s_in, s_out = reorder_embeddings.reorder_embeddings(inp, out, rules, strategy)
+        assert torch.allclose(s_in[special.id], inp[[11, 12, 13]].mean(0))
+        assert torch.allclose(s_out[special.id], out[[11, 12, 13]].mean(0))
+
+    g_in, g_out = reorder_embeddings.reorder_embeddings(inp, out, rules, "global_mean")
+    assert torch.allclose(g_in[ngram.id], inp.mean(0)) and torch.allclose(g_out[ngram.id], out.mean(0))
+    z_in, z_out = reorder_embeddings.reorder_embeddings(inp, out, rules, "zeros")
+    assert not z_in[ngram.id].any() and not z_out[ngram.id].any()
+
+
+def test_weighted_on_a_tied_matrix_follows_tied_weighted():
+    inp, _ = matrices(True)
+    rules = reassignments_for(inp.shape[0])
+    triple = rules[1]
+    first = reorder_embeddings.reorder_embeddings(inp, None, rules, "weighted", tied_weighted="output")[0]
+    last = reorder_embeddings.reorder_embeddings(inp, None, rules, "weighted", tied_weighted="input")[0]
+    plain = reorder_embeddings.reorder_embeddings(inp, None, rules, "weighted", tied_weighted="mean")[0]
+    assert torch.allclose(first[triple.id], (4 * inp[3] + 2 * inp[5] + inp[7]) / 7)
+    assert torch.allclose(last[triple.id], (inp[3] + 2 * inp[5] + 4 * inp[7]) / 7)
+    assert torch.allclose(plain[triple.id], inp[[3, 5, 7]].mean(0))
+
+
+def test_random_rows_match_the_embedding_scale():
+    gen = torch.Generator().manual_seed(1)
+    inp = torch.randn(4000, 32, generator=gen) * 0.05 + 0.2
+    rules = [Reassignment(i, "ngram", f"t{i}", (1, 2)) for i in range(3000, 4000)]
+    new, _ = reorder_embeddings.reorder_embeddings(inp, None, rules, "random", seed=0)
+    drawn = new[3000:]
+    assert abs(drawn.mean().item() - 0.2) < 0.01
+    assert abs(drawn.std().item() - 0.05) < 0.005
+
+
+def test_position_weights():
+    assert torch.allclose(position_weights(3, "last", 2.0), torch.tensor([1, 2, 4]) / 7)
+    assert torch.allclose(position_weights(3, "first", 2.0), torch.tensor([4, 2, 1]) / 7)
+    assert torch.allclose(position_weights(1, "first", 2.0), torch.tensor([1.0]))
+
+
+def test_ids_outside_the_matrix_are_refused():
+    inp, _ = matrices(True)
+    with pytest.raises(UserError, match="outside the embedding's 64 rows"):
+        reorder_embeddings.reorder_embeddings(inp, None, [Reassignment(10, "ngram", "a", (64,))], "subtoken_mean")
+    with pytest.raises(UserError, match="init strategy 'mean'"):
+        reorder_embeddings.reorder_embeddings(inp, None, [], "mean")
+
+
+def write_rules(path: Path, entries: list[dict]) -> Path:
+    path.write_text(yaml.safe_dump({"version": 1, "reassignments": entries}, allow_unicode=True), encoding="utf-8")
+    return path
+
+
+@pytest.mark.parametrize(
+    "entry, message",
+    [
+        ({"id": 5, "kind": "ngram", "new_token": "ab", "base_ids": []}, "base_ids"),
+        ({"id": 5, "kind": "bigram", "new_token": "ab", "base_ids": [1]}, "'kind' must be one of"),
+        ({"id": -1, "kind": "ngram", "new_token": "ab", "base_ids": [1]}, "'id' must be"),
+        ({"id": 5, "kind": "ngram", "new_token": "", "base_ids": [1]}, "new_token"),
+    ],
+)
+def test_bad_rules_are_refused_with_the_entry_named(tmp_path, entry, message):
+    path = write_rules(tmp_path / "rules.yaml", [entry])
+    with pytest.raises(UserError, match=message) as err:
+        load_reassignments(path)
+    assert "reassignments[0]" in str(err.value)
+
+
+def test_duplicate_ids_are_refused(tmp_path):
+    entry = {"id": 5, "kind": "ngram", "new_token": "ab", "base_ids": [1, 2]}
+    path = write_rules(tmp_path / "rules.yaml", [entry, {**entry, "new_token": "cd"}])
+    with pytest.raises(UserError, match="id 5 is reassigned more than once"):
+        load_reassignments(path)
+
+
+# --- real layouts: GPT-2 (tied wte), Llama tied and untied ------------------------------------------
+
+
+def tiny_llama(folder: Path, tokenizer_dir: Path, tied: bool) -> Path:
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(1)
+    config = LlamaConfig(
+        vocab_size=50257, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, max_position_embeddings=256, tie_word_embeddings=tied,
+        bos_token_id=50256, eos_token_id=50256,
+    )
+    LlamaForCausalLM(config).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def llama_untied_dir(tmp_path_factory, gpt2_tokenizer_dir) -> Path:
+    return tiny_llama(tmp_path_factory.mktemp("llama") / "untied", gpt2_tokenizer_dir, tied=False)
+
+
+def test_layouts(tiny_gpt2_dir, llama_untied_dir, tmp_path, gpt2_tokenizer_dir):
+    gpt2 = embedding_layout(load_causal_lm(tiny_gpt2_dir))
+    assert (gpt2.input_name, gpt2.output_name, gpt2.tied, gpt2.rows) == ("transformer.wte.weight", None, True, 50257)
+    untied = embedding_layout(load_causal_lm(llama_untied_dir))
+    assert (untied.input_name, untied.output_name, untied.tied) == ("model.embed_tokens.weight", "lm_head.weight", False)
+    tied = embedding_layout(load_causal_lm(tiny_llama(tmp_path / "tied", gpt2_tokenizer_dir, tied=True)))
+    assert (tied.input_name, tied.output_name) == ("model.embed_tokens.weight", None)
+
+
+def test_only_safetensors_are_loaded(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "pytorch_model.bin").write_bytes(b"\0")
+    with pytest.raises(UserError, match="no .safetensors"):
+        load_causal_lm(tmp_path)
+
+
+def remapped_gpt2(folder: Path, tokenizer_dir: Path) -> tuple[Path, list[dict]]:
+    """A remapped GPT-2 tokenizer (exact BPE style) making whole Korean words single tokens.
+
+    Each word's base tokens are merged left to right; each merge's result takes the slot of a late
+    GPT-2 token that no merge builds on, whose own merge is dropped. Returns the folder and rules.
+    """
+    from tokenizers import Tokenizer
+    from transformers import AutoTokenizer
+
+    spec = json.loads((tokenizer_dir / "tokenizer.json").read_text(encoding="utf-8"))
+    vocab, merges = spec["model"]["vocab"], spec["model"]["merges"]
+    base = Tokenizer.from_str(json.dumps(spec))
+    parts = {p for merge in merges for p in merge}
+    id_to_token = {i: t for t, i in vocab.items()}
+    slots = (i for i in range(50255, 0, -1) if id_to_token[i] not in parts and len(id_to_token[i]) > 1)
+    new_merges, entries, dropped = [], [], set()
+    for word in KOREAN_WORDS:
+        pieces = [t.value for t in base.model.tokenize(to_bytelevel(word))]
+        left = pieces[0]
+        for right in pieces[1:]:
+            token = left + right
+            assert token not in vocab
+            slot = next(slots)
+            dropped.add(id_to_token[slot])
+            new_merges.append([left, right])
+            entries.append({"id": slot, "kind": "ngram", "old_token": id_to_token[slot], "new_token": token,
+                            "base_ids": [t.id for t in base.model.tokenize(token)], "frozen": False})
+            left = token
+    slot = next(slots)  # a special token, initialised from its init text
+    dropped.add(id_to_token[slot])
+    spec["model"]["merges"] = [m for m in merges if m[0] + m[1] not in dropped] + new_merges
+    for entry in entries:
+        del vocab[entry["old_token"]]
+        vocab[entry["new_token"]] = entry["id"]
+    del vocab[id_to_token[slot]]
+    vocab["<ToW>"] = slot
+    spec["added_tokens"].append({"id": slot, "content": "<ToW>", "single_word": False, "lstrip": False,
+                                 "rstrip": False, "normalized": False, "special": True})
+    entries.append({"id": slot, "kind": "special", "old_token": id_to_token[slot], "new_token": "<ToW>",
+                    "base_ids": base.encode("Thought:").ids, "frozen": True})
+    folder.mkdir(parents=True)
+    (folder / "tokenizer.json").write_text(json.dumps(spec, ensure_ascii=False), encoding="utf-8")
+    (folder / "tokenizer_config.json").write_text((tokenizer_dir / "tokenizer_config.json").read_text())
+    AutoTokenizer.from_pretrained(folder)  # loads
+    return folder, sorted(entries, key=lambda e: e["id"])
+
+
+@pytest.fixture(scope="module")
+def remap(tmp_path_factory, gpt2_tokenizer_dir) -> tuple[Path, Path, list[dict]]:
+    root = tmp_path_factory.mktemp("remap")
+    folder, entries = remapped_gpt2(root / "tokenizer", gpt2_tokenizer_dir)
+    return folder, write_rules(root / "remap_rules.yaml", entries), entries
+
+
+def build(model_dir: Path, remap, out: Path, strategy: str = "weighted") -> Path:
+    tokenizer_dir, rules, _ = remap
+    emb, meta = out / "reordered.safetensors", out / "reordered.json"
+    reorder_embeddings.main(["--base-model", str(model_dir), "--rules", str(rules), "--strategy", strategy,
+                             "--seed", "1", "--out", str(emb), "--meta-out", str(meta)])
+    init_model.main(["--base-model", str(model_dir), "--embeddings", str(emb), "--embeddings-meta", str(meta),
+                     "--tokenizer", str(tokenizer_dir), "--rules", str(rules), "--out", str(out / "initialized")])
+    return out / "initialized"
+
+
+@pytest.mark.parametrize("which", ["gpt2", "llama_untied"])
+def test_initialized_model_loads_generates_and_keeps_everything_else(which, tiny_gpt2_dir, llama_untied_dir, remap, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    base_dir = tiny_gpt2_dir if which == "gpt2" else llama_untied_dir
+    folder = build(base_dir, remap, tmp_path)
+    _, _, entries = remap
+    ids = [e["id"] for e in entries]
+
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    base = AutoModelForCausalLM.from_pretrained(base_dir)
+    assert model.config.vocab_size == base.config.vocab_size
+    new_state, base_state = model.state_dict(), base.state_dict()
+    assert new_state.keys() == base_state.keys()
+    in_name = embedding_layout(model).input_name
+    for name, tensor in base_state.items():
+        assert new_state[name].shape == tensor.shape
+        if name != in_name and name != "lm_head.weight":
+            assert torch.equal(new_state[name], tensor), name
+    keep = torch.ones(len(tokenizer), dtype=torch.bool)
+    keep[ids] = False
+    for new, old in zip(embedding_matrices(model), embedding_matrices(base)):
+        if new is not None:
+            assert torch.equal(new[keep], old[keep])
+            assert not torch.equal(new[ids], old[ids])
+    # Special rows: the mean of the init text's base rows, on both sides of an untied head.
+    special = next(e for e in entries if e["kind"] == "special")
+    for new, old in zip(embedding_matrices(model), embedding_matrices(base)):
+        if new is not None:
+            assert torch.allclose(new[special["id"]], old[special["base_ids"]].mean(0))
+
+    encoded = tokenizer("법률안 <ToW>", add_special_tokens=False)["input_ids"]
+    assert encoded[0] in ids and special["id"] in encoded
+    prompt = torch.tensor([encoded])
+    out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=5, do_sample=False,
+                         pad_token_id=tokenizer.eos_token_id)
+    assert out.shape[1] == prompt.shape[1] + 5
+    card = (folder / "README.md").read_text()
+    assert "weighted" in card and f"{len(ids)} token ids" in card
+
+
+def test_outputs_are_byte_identical_between_runs(tiny_gpt2_dir, remap, tmp_path):
+    first = build(tiny_gpt2_dir, remap, tmp_path / "a", strategy="random")
+    second = build(tiny_gpt2_dir, remap, tmp_path / "b", strategy="random")
+    for name in ("reordered.safetensors", "reordered.json"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+    assert (first / "model.safetensors").read_bytes() == (second / "model.safetensors").read_bytes()
+    meta = json.loads((tmp_path / "a" / "reordered.json").read_text())
+    assert meta["tied"] and meta["parameters"]["input_embeddings"] == "transformer.wte.weight"
+    assert meta["ids"] == sorted(e["id"] for e in remap[2])
+
+
+def test_tokenizer_that_does_not_match_the_rules_is_refused(tiny_gpt2_dir, remap, gpt2_tokenizer_dir, tmp_path):
+    _, rules, _ = remap
+    emb, meta = tmp_path / "r.safetensors", tmp_path / "r.json"
+    reorder_embeddings.main(["--base-model", str(tiny_gpt2_dir), "--rules", str(rules), "--out", str(emb), "--meta-out", str(meta)])
+    with pytest.raises(UserError, match="do not match"):
+        init_model.main(["--base-model", str(tiny_gpt2_dir), "--embeddings", str(emb), "--embeddings-meta", str(meta),
+                         "--tokenizer", str(gpt2_tokenizer_dir), "--rules", str(rules), "--out", str(tmp_path / "m")])
+    assert not (tmp_path / "m").exists()

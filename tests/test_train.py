@@ -1,0 +1,316 @@
+"""Packing and fine-tuning on CPU with the tiny GPT-2: labels, held rows, LoRA, resume after SIGKILL."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from conftest import ROOT
+
+import pack_data
+import train_sft
+
+SCRIPT = ROOT / "scripts" / "train_sft.py"
+EOS = 50256
+REASSIGNED = list(range(40000, 40300))  # ids of unused GPT-2 tokens the tiny rules give new "tokens"
+FROZEN = 50256  # a special token marked frozen
+BASE = ["block_size=32", "micro_batch_size=2", "epochs=0.3", "log_every=2", "checkpoint_every=5",
+        "frozen_check_every=4", "weight_decay=0.1", "stage1_share=0.5", "loss_chunk_tokens=24",
+        "warmup_share=0.1"]
+
+
+def write_jsonl(path: Path, records: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+    return path
+
+
+def pack(tokenizer: Path, out: Path, train: Path, *extra: str) -> dict:
+    pack_data.main(["--tokenizer", str(tokenizer), "--train", str(train), "--out-dir", str(out), "--threads", "1",
+                    *extra])
+    return json.loads((out / "meta.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def rules_file(tmp_path_factory) -> Path:
+    entries = [{"id": i, "kind": "ngram", "old_token": None, "new_token": f"t{i}", "base_ids": [1, 2],
+                "frozen": False} for i in REASSIGNED]
+    entries.append({"id": FROZEN, "kind": "special", "old_token": "<|endoftext|>", "new_token": "<|endoftext|>",
+                    "base_ids": [], "frozen": True})
+    path = tmp_path_factory.mktemp("rules") / "remap_rules.yaml"
+    path.write_text(yaml.safe_dump({"version": 1, "reassignments": sorted(entries, key=lambda e: e["id"])}))
+    return path
+
+
+@pytest.fixture(scope="module")
+def packed(tmp_path_factory, tiny_gpt2_dir, bills_sample) -> Path:
+    """The first 3 Korean bills packed in blocks of 32 tokens (with the GPT-2 tokenizer)."""
+    tmp = tmp_path_factory.mktemp("packed")
+    lines = bills_sample.read_text(encoding="utf-8").splitlines()[:3]
+    train = tmp / "train.jsonl"
+    train.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    pack(tiny_gpt2_dir, tmp / "data", train, "--block-size", "32")
+    return tmp / "data"
+
+
+def train_command(model: Path, data: Path, out: Path, checkpoints: Path, rules: Path | None, *settings: str,
+                  launch: bool = False) -> list[str]:
+    command = [sys.executable]
+    if launch:
+        command += ["-m", "accelerate.commands.launch", "--config_file", str(ROOT / "config/accelerate/cpu.yaml"),
+                    "--num_processes", "1", "--num_machines", "1", "--num_cpu_threads_per_process", "1"]
+    command += [str(SCRIPT), "--model", str(model), "--data", str(data), "--out", str(out),
+                "--checkpoint-dir", str(checkpoints), "--threads", "1"]
+    if rules:
+        command += ["--rules", str(rules)]
+    for item in (*BASE, *settings):
+        command += ["--set", item]
+    return command
+
+
+def run(command: list[str]) -> str:
+    env = {**os.environ, "IVR_NO_PROGRESS": "1"}
+    done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    return done.stderr
+
+
+def weights(folder: Path) -> dict[str, torch.Tensor]:
+    return load_file(folder / "model.safetensors")
+
+
+def stats(folder: Path) -> dict:
+    return json.loads((folder / "training_stats.json").read_text())
+
+
+# ---- packing ---------------------------------------------------------------------------------------
+
+def test_documents_are_joined_by_eos_and_the_tail_block_is_padded(tmp_path, tiny_gpt2_dir):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_gpt2_dir)
+    docs = ["첫 번째 법안입니다.", "Second document, in English.", "세 번째"]
+    train = write_jsonl(tmp_path / "train.jsonl", [{"text": d} for d in docs])
+    meta = pack(tiny_gpt2_dir, tmp_path / "data", train, "--block-size", "16", "--seed", "7")
+    data = train_sft.PackedBlocks(tmp_path / "data")
+    ids = np.asarray(data.ids).reshape(-1)
+    mask = np.asarray(data.mask).reshape(-1)
+    real = ids[mask == 1]
+    # every document, in the seeded order, followed by EOS; the stream then padded to whole blocks
+    order = np.random.default_rng(7).permutation(len(docs))
+    expected = [t for i in order for t in tok(docs[i], add_special_tokens=False)["input_ids"] + [EOS]]
+    assert real.tolist() == expected
+    assert meta["tokens"] == len(expected) == meta["label_tokens"]
+    assert meta["blocks"] == math.ceil(len(expected) / 16) and len(ids) == meta["blocks"] * 16
+    assert not mask[len(expected):].any()
+    # determinism: the same inputs give byte-identical outputs
+    pack(tiny_gpt2_dir, tmp_path / "again", train, "--block-size", "16", "--seed", "7")
+    for name in ("input_ids.bin", "loss_mask.bin", "meta.json"):
+        assert (tmp_path / "data" / name).read_bytes() == (tmp_path / "again" / name).read_bytes()
+
+
+def test_padding_is_no_label_while_real_eos_is_when_pad_equals_eos(tmp_path, tiny_gpt2_dir):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_gpt2_dir)
+    tok.pad_token = tok.eos_token  # the usual work-around that makes PAD == EOS
+    tok.save_pretrained(tmp_path / "tok")
+    train = write_jsonl(tmp_path / "train.jsonl", [{"text": "짧은 문서"}])
+    meta = pack(tmp_path / "tok", tmp_path / "data", train, "--block-size", "32")
+    assert meta["pad_is_eos"] and meta["pad_id"] == EOS
+    sample = train_sft.PackedBlocks(tmp_path / "data")[0]
+    ids, targets = sample["input_ids"], sample["targets"]
+    n = meta["tokens"]  # the document and its EOS; the rest of the block is padding (also id EOS)
+    assert ids[n - 1] == EOS and (ids[n:] == EOS).all()
+    assert targets[n - 2] == EOS  # the real EOS is predicted
+    assert (targets[n - 1:] == -100).all()  # padding never is, though it has the same id
+    assert targets[: n - 1].tolist() == ids[1:n].tolist()
+
+
+def test_prompt_is_masked_and_the_chat_template_is_used(tmp_path, tiny_gpt2_dir):
+    from transformers import AutoTokenizer
+
+    template_dir = tmp_path / "with_template"
+    tok = AutoTokenizer.from_pretrained(tiny_gpt2_dir)
+    tok.chat_template = ("{% for m in messages %}[{{ m['role'] }}]: {{ m['content'] }}<|endoftext|>{% endfor %}"
+                         "{% if add_generation_prompt %}[assistant]: {% endif %}")
+    tok.save_pretrained(template_dir)
+    train = write_jsonl(tmp_path / "train.jsonl", [{"text": "본문"}])
+    examples = [{"prompt": "법안의 목적은?", "completion": "국민의 안전입니다."},
+                {"prompt": "Summarise.", "completion": "Short answer."}]
+    sft = write_jsonl(tmp_path / "sft.jsonl", examples)
+    for source, expect_template in ((template_dir, True), (tiny_gpt2_dir, False)):
+        out = tmp_path / f"data_{expect_template}"
+        meta = pack(tiny_gpt2_dir, out, train, "--block-size", "128", "--sft", str(sft),
+                    "--chat-template-from", str(source))
+        assert meta["sft"]["examples"] == 2 and meta["sft"]["chat_template"] is expect_template
+        data = train_sft.PackedBlocks(out)
+        sft_rows = [i for i in range(len(data)) if "Summarise." in tok.decode(np.asarray(data.ids[i]))]
+        assert len(sft_rows) == 1  # both examples fit one block, which is padded
+        labelled = "".join(tok.decode(np.asarray(data.ids[i])[np.asarray(data.mask[i]) == 1]) for i in sft_rows)
+        if expect_template:
+            assert labelled == "국민의 안전입니다.<|endoftext|>Short answer.<|endoftext|>"
+        else:  # no template: prompt and completion as given, EOS after the completion
+            assert labelled == "국민의 안전입니다.<|endoftext|>Short answer.<|endoftext|>"
+        everything = "".join(tok.decode(np.asarray(data.ids[i])) for i in sft_rows)
+        assert ("[user]: 법안의 목적은?" in everything) is expect_template
+        assert "법안의 목적은?" in everything
+
+
+# ---- training --------------------------------------------------------------------------------------
+
+def test_stage1_holds_every_other_row_bit_identical_with_weight_decay_on(tmp_path, tiny_gpt2_dir, packed,
+                                                                           rules_file):
+    """Through `accelerate launch` with config/accelerate/cpu.yaml; the tiny GPT-2's head is tied."""
+    out = tmp_path / "out"
+    log = run(train_command(tiny_gpt2_dir, packed, out, tmp_path / "ck", rules_file, "stage2=none",
+                            "stage1_lr=1e-2", launch=True))
+    before, after = weights(tiny_gpt2_dir), weights(out)
+    emb = "transformer.wte.weight"
+    held = np.setdiff1d(np.arange(50257), REASSIGNED)
+    assert torch.equal(after[emb][held], before[emb][held])
+    assert (after[emb][REASSIGNED] != before[emb][REASSIGNED]).any(dim=1).sum() > len(REASSIGNED) // 2
+    for name in before:  # nothing else trained
+        if name != emb:
+            assert torch.equal(after[name], before[name]), name
+    result = stats(out)
+    assert result["held_rows_vs_input"]["max_abs_change_before_restore"] == 0.0  # measured before restoring
+    assert result["held_row_checks"] and all(c["max_abs_change"] == 0.0 for c in result["held_row_checks"])
+    assert "held rows, stage 1 end: max abs change of fp32 weights = 0.0e+00" in log
+    # a random model starts near ln(vocab); the log has every field
+    assert abs(result["first_loss"] - math.log(50257)) < 0.5
+    records = [json.loads(l) for l in (out / "train_log.jsonl").read_text().splitlines()]
+    assert set(records[0]) >= {"step", "loss", "grad_norm", "lr", "tokens_per_s"}
+    assert not (tmp_path / "ck").exists()  # checkpoints are removed once the model is saved
+
+
+def test_untied_head_rows_are_held_too(tmp_path, tiny_gpt2_dir, packed, rules_file):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_gpt2_dir, tie_word_embeddings=False)
+    with torch.no_grad():
+        model.lm_head.weight = torch.nn.Parameter(model.transformer.wte.weight.clone() * 0.5)
+    model.config.tie_word_embeddings = False
+    model.save_pretrained(tmp_path / "untied")
+    AutoTokenizer.from_pretrained(tiny_gpt2_dir).save_pretrained(tmp_path / "untied")
+    out = tmp_path / "out"
+    run(train_command(tmp_path / "untied", packed, out, tmp_path / "ck", rules_file, "stage2=none",
+                      "stage1_lr=1e-2"))
+    before, after = weights(tmp_path / "untied"), weights(out)
+    held = np.setdiff1d(np.arange(50257), REASSIGNED)
+    for name in ("transformer.wte.weight", "lm_head.weight"):
+        assert torch.equal(after[name][held], before[name][held]), name
+        assert not torch.equal(after[name][REASSIGNED], before[name][REASSIGNED]), name
+    assert stats(out)["held_rows_vs_input"]["max_abs_change_before_restore"] == 0.0
+
+
+def test_lora_stage_is_merged_and_the_output_loads(tmp_path, tiny_gpt2_dir, packed, rules_file):
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "out"
+    run(train_command(tiny_gpt2_dir, packed, out, tmp_path / "ck", rules_file, "stage2=lora", "lr=1e-2",
+                      "lora.r=4"))
+    after = weights(out)
+    assert not any("lora" in name for name in after)
+    before = weights(tiny_gpt2_dir)
+    assert set(after) == set(before)
+    attn = "transformer.h.0.attn.c_attn.weight"
+    assert not torch.equal(after[attn], before[attn])  # the adapters were merged into the weights
+    emb = "transformer.wte.weight"
+    held = np.setdiff1d(np.arange(50257), REASSIGNED)
+    assert torch.equal(after[emb][held], before[emb][held])  # LoRA: only the reassigned rows learn
+    model = AutoModelForCausalLM.from_pretrained(out)
+    with torch.no_grad():
+        logits = model(torch.tensor([[40000, 40001, 50256]])).logits
+    assert torch.isfinite(logits).all()
+    assert [c["stage"] for c in stats(out)["plan"]["stages"]] == [1, 2]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, tiny_gpt2_dir, packed, rules_file) -> Path:
+    """An uninterrupted run: stage 1 then full fine-tuning."""
+    tmp = tmp_path_factory.mktemp("reference")
+    run(train_command(tiny_gpt2_dir, packed, tmp / "out", tmp / "ck", rules_file))
+    return tmp / "out"
+
+
+def start_and_kill(command: list[str], checkpoints: Path, after_step: int) -> None:
+    """Start a training run and SIGKILL it as soon as a checkpoint past `after_step` exists."""
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and process.poll() is None:
+        done = [json.loads(p.read_text())["step"] for p in checkpoints.glob("step-*/trainer_state.json")]
+        if done and max(done) > after_step:
+            process.send_signal(signal.SIGKILL)
+            process.wait()
+            return
+        time.sleep(0.02)
+    process.kill()
+    raise AssertionError("the run ended before it could be killed: " + process.stderr.read()[-2000:])
+
+
+def test_resume_after_sigkill_ends_at_the_same_step_with_the_same_weights(tmp_path, tiny_gpt2_dir, packed,
+                                                                            rules_file, reference):
+    command = train_command(tiny_gpt2_dir, packed, tmp_path / "out", tmp_path / "ck", rules_file)
+    stage1 = stats(reference)["plan"]["stages"][0]["steps"]
+    start_and_kill(command, tmp_path / "ck", after_step=stage1)  # killed inside stage 2
+    assert not (tmp_path / "out").exists()
+    log = run(command)
+    assert "resuming from" in log and "starting fresh" not in log
+    ref_log = (reference / "train_log.jsonl").read_text().splitlines()
+    new_log = (tmp_path / "out" / "train_log.jsonl").read_text().splitlines()
+    assert [json.loads(l)["step"] for l in new_log] == [json.loads(l)["step"] for l in ref_log]
+    assert json.loads(new_log[-1])["step"] == stats(reference)["plan"]["total_steps"]
+    a, b = weights(reference), weights(tmp_path / "out")
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    # the loss log matches too, except the one window cut by the kill (it averages fewer steps)
+    differ = [json.loads(a)["step"] for a, b in zip(ref_log, new_log) if json.loads(a)["loss"] != json.loads(b)["loss"]]
+    assert len(differ) <= 1
+
+
+def test_a_changed_setting_starts_fresh_instead_of_resuming(tmp_path, tiny_gpt2_dir, packed, rules_file):
+    command = train_command(tiny_gpt2_dir, packed, tmp_path / "out", tmp_path / "ck", rules_file)
+    start_and_kill(command, tmp_path / "ck", after_step=0)
+    log = run(command + ["--set", "lr=3e-4"])  # a different learning rate: stale checkpoints
+    assert "from another run (inputs or settings changed): starting fresh" in log
+    assert "resuming from" not in log
+    assert stats(tmp_path / "out")["settings"]["lr"] == 3e-4
+
+
+def test_first_loss_far_above_uniform_is_named():
+    assert train_sft.first_loss_warning(10.0, 50257) is None
+    warning = train_sft.first_loss_warning(14.0, 50257)
+    assert "ln(vocab)" in warning and "padding" in warning and "initialisation" in warning
+
+
+def test_chunked_loss_matches_full_cross_entropy():
+    torch.manual_seed(0)
+    hidden = torch.randn(50, 16, requires_grad=True)
+    weight = torch.randn(300, 16, requires_grad=True)
+    targets = torch.randint(0, 300, (50,))
+    targets[::4] = -100
+    full = torch.nn.functional.cross_entropy(hidden @ weight.t(), targets, ignore_index=-100)
+    grads = torch.autograd.grad(full, (hidden, weight))
+    chunked = train_sft.linear_cross_entropy(hidden, weight, targets, chunk_tokens=7)
+    mine = torch.autograd.grad(chunked, (hidden, weight))
+    assert torch.allclose(chunked, full, atol=1e-5)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(mine, grads))
+    # the vocabulary padding used on GPU: padded rows get no probability and no gradient
+    padded = torch.nn.functional.pad(weight.detach(), (0, 0, 0, 20))
+    scale = 1 / (targets != -100).sum()
+    loss, g_h, g_w = train_sft._chunk_loss_and_grads(hidden.detach(), padded, targets, scale, 300)
+    assert torch.allclose(loss * scale, full, atol=1e-5)
+    assert torch.allclose(g_h, grads[0], atol=1e-6) and torch.allclose(g_w[:300], grads[1], atol=1e-6)
+    assert not g_w[300:].any()
