@@ -198,7 +198,11 @@ def validate_inputs(wildcards):
 def validate_args(wildcards, input):
     """Optional validation arguments: general text, the control, distillation fidelity."""
     args = ["--compression", input.compression]
-    for key, flag in (("general", "--general-heldout"), ("control", "--control"), ("fidelity", "--fidelity")):
+    for key, flag in (
+        ("general", "--general-heldout"),
+        ("control", "--control"),
+        ("fidelity", "--fidelity"),
+    ):
         if key in input.keys():
             args += [flag, input[key]]
     return " ".join(shlex.quote(str(a)) for a in args)

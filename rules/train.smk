@@ -22,11 +22,12 @@ rule pack_data:
         script=script("pack_data.py"),
         tokenizer=lambda wildcards: branch_model(wildcards.branch),
         extra=pack_args,
-        opts=config["training"],
+        block_size=config["training"]["block_size"],
+        seed=config["training"]["seed"],
         trust="--trust-remote-code" if config["trust_remote_code"] else "",
     shell:
         "python {params.script:q} --tokenizer {params.tokenizer:q} --train {input.train:q} {params.extra}"
-        " --block-size {params.opts[block_size]} --seed {params.opts[seed]} --threads {threads}"
+        " --block-size {params.block_size} --seed {params.seed} --threads {threads}"
         " {params.trust} --out-dir results/data/{wildcards.branch} > {log:q} 2>&1"
 
 

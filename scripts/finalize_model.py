@@ -26,7 +26,7 @@ from ivr.cli import UserError, atomic_path, log, run_main  # noqa: E402
 
 def failed_gates(validation: dict) -> list[str]:
     return [
-        f"gate '{g['name']}' failed: measured {g['measured']:.4f}, threshold {g['threshold']:.4f} ({g['rule']})"
+        f"gate '{g['name']}' failed: measured {g['measured']:.6g}, threshold {g['threshold']:.6g} ({g['rule']})"
         for g in validation["gates"] if not g["passed"]
     ]
 

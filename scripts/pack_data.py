@@ -90,13 +90,13 @@ def pack_stream(docs: list[np.ndarray], eos_id: int, pad_id: int, block_size: in
     return ids.reshape(blocks, block_size), mask.reshape(blocks, block_size)
 
 
-def render_examples(records: list[dict], template_tok, eos_token: str) -> list[tuple[str, str]]:
-    """(prompt, completion) texts: through the chat template when there is one, else as given plus EOS."""
+def render_examples(records: list[dict], template_tok) -> list[tuple[str, str]]:
+    """(prompt, completion) texts: through the chat template when there is one, else as given."""
     out = []
     for record in records:
         prompt, completion = record["prompt"], record["completion"]
         if template_tok is None:
-            out.append((prompt, completion + eos_token))
+            out.append((prompt, completion))
             continue
         user = [{"role": "user", "content": prompt}]
         head = template_tok.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
@@ -197,9 +197,11 @@ def pack(args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray, dict]:
         if args.chat_template_from:
             source = load_tokenizer(args.chat_template_from, trust_remote_code=args.trust_remote_code)
             template_tok = source if source.chat_template else None
-        pairs = render_examples(read_examples(args.sft), template_tok, tok.eos_token)
+        pairs = render_examples(read_examples(args.sft), template_tok)
         prompts = encode_all(tok, [p for p, _ in pairs], "prompts")
         completions = encode_all(tok, [c for _, c in pairs], "completions")
+        if template_tok is None:  # a template ends the turn itself; plain examples end with EOS
+            completions = [np.append(c, eos_id) for c in completions]
         sft_ids, sft_mask, counts = pack_examples(prompts, completions, pad_id, args.block_size)
         order = interleave(len(ids), len(sft_ids))
         ids, mask = np.concatenate([ids, sft_ids])[order], np.concatenate([mask, sft_mask])[order]

@@ -259,7 +259,7 @@ def main(argv: list[str] | None = None) -> None:
         "prompts": prompts,
         "fidelity": read_json(args.fidelity).get("heldout", read_json(args.fidelity)),
         "compression": read_json(args.compression),
-        "training": {name: read_json(Path(paths[name]) / "training_summary.json") for name in ("sft", "control") if paths[name]},
+        "training": {name: read_json(Path(paths[name]) / "training_stats.json") for name in ("sft", "control") if paths[name]},
     }
     results["headline"] = headline(models)
     results["gates"] = check_gates(results, gates)

@@ -196,3 +196,21 @@ def test_rules_file_error_from_the_command_line(tmp_path, selections, gpt2_bills
     )
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1 and result.stderr.startswith("error:") and "named twice" in result.stderr
+
+
+@pytest.mark.parametrize(
+    "ivr,expected",
+    [
+        ({"n_reassign": -1}, "key 'ivr.n_reassign'"),
+        ({"budget": 10}, "unknown key 'ivr.budget'"),
+        ({"backend": "wordpiece"}, "key 'ivr.backend'"),
+        ({"special_tokens": [{"token": "<ToW>"}]}, "key 'ivr.special_tokens.0'"),
+    ],
+)
+def test_config_section_is_checked(ivr, expected):
+    from ivr.cli import UserError
+    from ivr.config import validate_config
+
+    with pytest.raises(UserError, match=expected.replace(".", r"\.")):
+        validate_config({"ivr": ivr})
+    assert validate_config({})["ivr"]["backend"] == "unigram"

@@ -26,7 +26,7 @@ SCRIPT = ROOT / "scripts" / "train_sft.py"
 EOS = 50256
 REASSIGNED = list(range(40000, 40300))  # ids of unused GPT-2 tokens the tiny rules give new "tokens"
 FROZEN = 50256  # a special token marked frozen
-BASE = ["block_size=32", "micro_batch_size=2", "epochs=0.3", "log_every=2", "checkpoint_every=5",
+BASE = ["block_size=32", "micro_batch_size=2", "epochs=0.15", "log_every=2", "checkpoint_every=5",
         "frozen_check_every=4", "weight_decay=0.1", "stage1_share=0.5", "loss_chunk_tokens=24",
         "warmup_share=0.1"]
 

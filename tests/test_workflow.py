@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -96,3 +98,84 @@ def test_dag_renders(workdir):
         pytest.fail("graphviz 'dot' is missing: .ci/run installs it")
     assert result.returncode == 0, result.stderr
     assert "<svg" in (workdir / "dag.svg").read_text()
+
+
+@pytest.fixture(scope="module")
+def final_model(workdir) -> Path:
+    snakemake(workdir, "results/final_model")
+    return workdir / "results" / "final_model"
+
+
+def test_final_model_loads_and_generates(final_model):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(final_model)
+    model = AutoModelForCausalLM.from_pretrained(final_model)
+    rules = (final_model / "remap_rules.yaml").read_text(encoding="utf-8")
+    assert "reassignments" in rules
+    inputs = tokenizer("제안이유 현행법은", return_tensors="pt")
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=5, do_sample=False)
+    assert out.shape[1] == inputs["input_ids"].shape[1] + 5
+    card = (final_model / "README.md").read_text(encoding="utf-8")
+    assert "from_pretrained" in card and "fewer tokens" in card and "Provenance" in card
+    provenance = json.loads((final_model / "PROVENANCE.json").read_text())
+    assert provenance["inputs_sha256"] and provenance["config"]["corpus"]["max_documents"] == 300
+
+
+def test_report_holds_every_number(final_model):
+    report = json.loads((final_model.parent / "report" / "validation.json").read_text())
+    for name in ("base", "initialized", "sft", "control"):
+        assert report["models"][name]["domain"]["bits_per_byte"] > 0
+        assert report["models"][name]["generation"]["bytes_per_second"] > 0
+    assert report["headline"]["domain_tokens_per_byte"]["ivr"] < report["headline"]["domain_tokens_per_byte"]["base"]
+    assert report["gates_passed"] is True
+
+
+def test_report_renders_in_chromium_with_its_plots(final_model, tmp_path):
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.fail("Debian's chromium is missing: IVR_SETUP_TEST_TOOLS=1 bash setup.sh installs it")
+    page = tmp_path / "report.html"
+    probe = (
+        "<script>window.addEventListener('load', () => { const imgs = [...document.images];"
+        " document.body.dataset.images = imgs.length;"
+        " document.body.dataset.broken = imgs.filter(i => !i.complete || i.naturalWidth === 0).length; });</script>"
+    )
+    page.write_text((final_model.parent / "report" / "validation.html").read_text(encoding="utf-8").replace("</body>", probe + "</body>"))
+    flags = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1200,1600", "--virtual-time-budget=3000"]
+    dom = subprocess.run([*flags, "--dump-dom", page.as_uri()], capture_output=True, text=True, timeout=120)
+    match = re.search(r'data-images="(\d+)" data-broken="(\d+)"', dom.stdout)
+    assert match, dom.stdout[:500] + dom.stderr[-500:]
+    assert int(match.group(1)) >= 3 and int(match.group(2)) == 0
+    shot = tmp_path / "report.png"
+    subprocess.run([*flags, f"--screenshot={shot}", page.as_uri()], capture_output=True, timeout=120)
+    assert shot.exists() and shot.stat().st_size > 20_000  # a rendered page, not a blank one
+
+
+def test_a_failing_gate_stops_the_run_with_one_clear_line(final_model, workdir):
+    (workdir / "strict.yaml").write_text("validation:\n  gates:\n    fidelity_min: 0.999999\n")
+    result = snakemake(workdir, "results/final_model", configs=("strict.yaml",), check=False)
+    assert result.returncode != 0
+    text = result.stdout + result.stderr
+    assert re.search(r"error: .*gate 'fidelity' failed: measured 0\.\d+, threshold 0\.999999", text), text[-2000:]
+    assert (workdir / "results" / "report" / "validation.html").exists()
+    assert not (workdir / "results" / "final_model").exists()
+
+
+def tree_digest(path: Path) -> dict[str, str]:
+    import hashlib
+
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    return {str(f.relative_to(path.parent)): hashlib.sha256(f.read_bytes()).hexdigest() for f in files}
+
+
+def test_two_clean_runs_give_byte_identical_artefacts(final_model, workdir, tmp_path_factory, gpt2_tokenizer_dir):
+    second = make_workdir(tmp_path_factory.mktemp("again"), gpt2_tokenizer_dir)
+    snakemake(second, "results/model/initialized")
+    for target in ("results/analysis", "results/tokenizer/distilled", "results/remap/remap_rules.yaml",
+                   "results/tokenizer/remapped", "results/embeddings", "results/model/initialized"):
+        assert tree_digest(workdir / target) == tree_digest(second / target), target

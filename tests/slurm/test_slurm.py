@@ -7,8 +7,8 @@ minutes on what matters: the training rule and what follows it go through sbatch
 
 from __future__ import annotations
 
-import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -93,15 +93,22 @@ def test_changing_a_selection_parameter_resubmits_only_affected_rules(cluster, w
     result = run(workdir, "results/final_model", *PROFILE, "-n", "--configfile", "tests/config/tiny.yaml", "more.yaml")
     assert result.returncode == 0, result.stderr[-3000:]
     text = result.stdout + result.stderr
-    planned = {line.split()[1].rstrip(":") for line in text.splitlines() if line.startswith(("rule ", "localrule "))}
+    planned = {
+        line.split()[1].rstrip(":") for line in text.splitlines() if line.lstrip().startswith(("rule ", "localrule "))
+    }
     assert "select_candidates" in planned
     assert not planned & {"ingest_corpus", "analyze_corpus", "distill_tokenizer", "fetch_asset"}, planned
 
 
 def test_a_failing_job_fails_the_workflow_and_shows_its_log(cluster, workdir):
-    broken = workdir / "broken.yaml"
-    broken.write_text(json.dumps({"training": {"learning_rate": -1.0}}))
-    result = run(workdir, "results/model/sft", *PROFILE, "--forcerun", "train_sft", "--retries", "0",
-                 "--configfile", "tests/config/tiny.yaml", str(broken))
+    meta = workdir / "results" / "data" / "ivr" / "meta.json"
+    saved = meta.read_bytes()
+    meta.write_text("{ not json")  # the training job on the cluster cannot read its data
+    try:
+        result = run(workdir, "results/model/sft", *PROFILE, "--forcerun", "train_sft", "--retries", "0")
+    finally:
+        meta.write_bytes(saved)
     assert result.returncode != 0
-    assert "slurm_logs" in result.stdout + result.stderr
+    text = result.stdout + result.stderr
+    assert "Error in rule train_sft" in text
+    assert re.search(r"slurm_logs/rule_train_sft/\S*\d+\.log", text), text[-3000:]
