@@ -579,20 +579,32 @@ def select(
 
 
 def select_from_file(
-    path: Path, base: Base, words: Words, frequencies: tuple[np.ndarray, np.ndarray], rows: int, backend: str, protected: set[int]
+    path: Path, base: Base, words: Words, frequencies: tuple[np.ndarray, np.ndarray], rows: int, backend: str,
+    protected: set[int], min_count: int,
 ) -> Selection:
-    """A user's rules: checked, completed, and given a merge order by continued BPE limited to them."""
+    """A user's rules: checked, completed, and given a merge order by continued BPE limited to them.
+
+    With selection's own guard (keep every piece min_count uses) this replays the merge order of a
+    rules file selection wrote; a hand-written file may need the guard off to build all its tokens.
+    """
     rules = read_rules_file(path, base, rows, protected, backend)
     wanted = {r["new_token"]: r for r in rules if r["kind"] != "special"}
     removed = {r["id"] for r in rules if r["id"] < base.n_ids}
-    training = continue_bpe(without(words, removed, base), base.tokens, len(wanted), 1, set(base.ids), only=set(wanted), keep=0)
-    missing = sorted(set(wanted) - {m.string for m in training.merges}, key=lambda s: wanted[s]["id"])
+    split = without(words, removed, base)
+    for keep in (min_count, 0):
+        training = continue_bpe(split, base.tokens, len(wanted), 1, set(base.ids), only=set(wanted), keep=keep)
+        missing = sorted(set(wanted) - {m.string for m in training.merges}, key=lambda s: wanted[s]["id"])
+        if not missing:
+            break
     if missing:
         first = wanted[missing[0]]
         raise UserError(
             f"{path}: new token {first['new_token']!r} (id {first['id']}, '{first['new_readable']}') cannot be built by "
             f"merging pieces inside pre-tokens of the training split ({len(missing)} such tokens)"
         )
+    unused = [m.string for m in training.merges if m.final_count == 0]
+    if unused:
+        log.warning("%d new tokens of %s are never produced on the training split, e.g. %r", len(unused), path, unused[0])
     slot_of = {m.new: wanted[m.string]["id"] for m in training.merges}
     selection = Selection(rules, candidate_rows(training, slot_of, words))
     selection.log_lines = selection_report(base, words, frequencies, training, rules, backend, len(wanted), 1, protected, source=str(path))
@@ -737,7 +749,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.rules_file:
         if specials:
             raise UserError("ivr.special_tokens and ivr.rules_file are both set: list the special tokens in the rules file")
-        selection = select_from_file(args.rules_file, base, words, frequencies, rows, args.backend, protected)
+        selection = select_from_file(args.rules_file, base, words, frequencies, rows, args.backend, protected, args.min_count)
         header = f"Reassignments from {args.rules_file}, checked and completed by select_candidates.py."
     else:
         selection = select(
