@@ -42,10 +42,10 @@ def cluster():
         subprocess.run(["bash", str(CLUSTER), "stop"], check=False)
 
 
-def run(workdir: Path, *args: str, timeout: int = 900) -> subprocess.CompletedProcess:
+def run(workdir: Path, *args: str, configs: tuple[str, ...] = (), timeout: int = 900) -> subprocess.CompletedProcess:
     env = {**os.environ, "IVR_NO_PROGRESS": "1"}
     return subprocess.run(
-        ["timeout", "-k", "30", str(timeout), *SNAKEMAKE, *args, "--configfile", "tests/config/tiny.yaml"],
+        ["timeout", "-k", "30", str(timeout), *SNAKEMAKE, *args, "--configfile", "tests/config/tiny.yaml", *configs],
         cwd=workdir, capture_output=True, text=True, env=env,
     )
 
@@ -90,7 +90,7 @@ def test_training_goes_through_sbatch_and_final_model_is_made(cluster, workdir):
 
 def test_changing_a_selection_parameter_resubmits_only_affected_rules(cluster, workdir):
     (workdir / "more.yaml").write_text("ivr:\n  n_reassign: 150\n")
-    result = run(workdir, "results/final_model", *PROFILE, "-n", "--configfile", "tests/config/tiny.yaml", "more.yaml")
+    result = run(workdir, "results/final_model", *PROFILE, "-n", configs=("more.yaml",))
     assert result.returncode == 0, result.stderr[-3000:]
     text = result.stdout + result.stderr
     planned = {
