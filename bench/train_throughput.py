@@ -111,9 +111,11 @@ def result(record: dict) -> None:
 
 def run_ours(args) -> None:
     settings = T.resolve_settings({}, [f"micro_batch_size={args.batch}", f"compile={str(args.compile).lower()}",
-                                       f"loss_chunk_tokens={args.chunk}", "weight_decay=0.1", "warmup_share=0"])
+                                       f"loss_chunk_tokens={args.chunk}", "weight_decay=0.1", "warmup_share=0"],
+                                  validate=False)
     accelerator = T.make_accelerator(settings)
-    model = build_model(args.model)
+    with T.whole_models(accelerator):
+        model = build_model(args.model)
     flops = flops_per_token(model, SEQ)
     rows = model.get_input_embeddings().weight.shape[0]
     total = args.warmup + args.steps
@@ -123,7 +125,7 @@ def run_ours(args) -> None:
     dataset = RandomBlocks(total * args.batch * world, rows, SEQ)
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch, sampler=T.IndexSampler(np.arange(len(dataset))),
                                          pin_memory=True)
-    prepared = T.prepare_stage(accelerator, stage, model, loader, settings, rows)
+    prepared = T.prepare_stage(accelerator, stage, model, loader, settings, rows, args.compile_mode)
     prepared.loss_model.train()
     batches = iter(prepared.loader)
     for step in range(total):
@@ -174,7 +176,7 @@ def run_hf(args) -> None:
 def run_frozen(args) -> None:
     settings = T.resolve_settings({}, ["micro_batch_size=4", "weight_decay=0.1", "lr=1e-3", "stage1_lr=1e-3",
                                        "warmup_share=0", "stage1_share=0.5", "stage2=full", "compile=false",
-                                       f"loss_chunk_tokens={args.chunk}"])
+                                       f"loss_chunk_tokens={args.chunk}"], validate=False)
     accelerator = T.make_accelerator(settings)
     rows = model_config(args.model).vocab_size
     special = rows - 1
@@ -188,7 +190,8 @@ def run_frozen(args) -> None:
             weights = T.full_state(accelerator, prepared.loss_model, prepared.originals)
             prepared = None
             accelerator.free_memory()
-        model = build_model(args.model, args.untied)
+        with T.whole_models(accelerator):
+            model = build_model(args.model, args.untied)
         if weights is not None:
             T.load_weights(model, weights)
         model = T.set_trainable(model, stage, settings)
@@ -233,7 +236,8 @@ def spawn(command: list[str]) -> dict:
 def own(args, mode: str, model: str, batch: int) -> list[str]:
     return ["bench/train_throughput.py", "--mode", mode, "--model", model, "--batch", str(batch),
             "--steps", str(args.steps), "--warmup", str(args.warmup), "--chunk", str(args.chunk),
-            "--seq", str(SEQ), "--compile" if args.compile else "--no-compile"]
+            "--seq", str(SEQ), "--compile" if args.compile else "--no-compile"] + (
+                ["--compile-mode", args.compile_mode] if args.compile_mode else [])
 
 
 def describe(name: str, r: dict, anchor: dict | None = None) -> str:
@@ -249,7 +253,7 @@ def run_compare(args) -> None:
     hf = spawn(python + own(args, "hf", "gpt2", 16))
     ours16 = spawn(python + own(args, "ours", "gpt2", 16))
     ours = spawn(python + own(args, "ours", "gpt2", args.batch)) if args.batch != 16 else ours16
-    smol = spawn(python + own(args, "ours", "smollm2", args.batch))
+    smol = spawn(python + own(args, "ours", "smollm2", min(args.batch, 32)))  # 30 layers: more activations
     smol_hf = spawn(python + own(args, "hf", "smollm2", 16)) if args.hf_smollm2 else None
     print(f"\n{torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU'}, seq {SEQ}, "
           f"{args.steps} timed steps after {args.warmup} warm-up steps, peak {PEAK_FLOPS / 1e12:.0f} TFLOP/s")
@@ -259,7 +263,7 @@ def run_compare(args) -> None:
         print(describe(f"GPT-2 124M, ours, b{args.batch}", ours, hf))
     if smol_hf:
         print(describe("SmolLM2-135M, HF Trainer bf16+compile, b16", smol_hf))
-    print(describe(f"SmolLM2-135M, ours, b{args.batch}", smol, smol_hf))
+    print(describe(f"SmolLM2-135M, ours, b{min(args.batch, 32)}", smol, smol_hf))
 
 
 def run_scaling(args) -> None:
@@ -277,11 +281,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--mode", choices=["compare", "scaling", "ours", "hf", "frozen"], default="compare")
     parser.add_argument("--model", choices=["gpt2", "smollm2"], default="gpt2")
-    parser.add_argument("--batch", type=int, default=32, help="blocks of 1024 tokens per GPU per step (ours)")
+    parser.add_argument("--batch", type=int, default=64, help="blocks of 1024 tokens per GPU per step (ours)")
     parser.add_argument("--steps", type=int, default=40, help="timed steps")
     parser.add_argument("--warmup", type=int, default=15, help="steps before timing (compilation happens here)")
     parser.add_argument("--chunk", type=int, default=8192, help="tokens per chunk of the loss")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--compile-mode", help="torch.compile mode for ours, e.g. max-autotune-no-cudagraphs")
     parser.add_argument("--hf-smollm2", action="store_true", help="also time the HF Trainer on SmolLM2-135M")
     parser.add_argument("--config", default="deepspeed_zero2", help="accelerate config for --mode scaling")
     parser.add_argument("--gpus", type=int, default=2, help="GPUs for --mode scaling")

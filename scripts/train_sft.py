@@ -26,6 +26,7 @@ and training_stats.json (tokens seen, wall-clock, first loss, held-row checks).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import logging
@@ -45,7 +46,7 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from ivr.cli import UserError, atomic_path, log, run_main  # noqa: E402
-from ivr.config import validate_config  # noqa: E402
+from ivr.config import SCHEMA, fill_defaults, validate_config  # noqa: E402
 from ivr.modeling import embedding_layout, load_causal_lm, load_tokenizer  # noqa: E402
 from ivr.remap import load_rules  # noqa: E402
 
@@ -70,7 +71,7 @@ def parse_value(text: str):
         return yaml.safe_load(text)
 
 
-def resolve_settings(raw: dict | None, overrides: list[str] = ()) -> dict:
+def resolve_settings(raw: dict | None, overrides: list[str] = (), validate: bool = True) -> dict:
     """The training settings with schema defaults filled in; --set KEY=VALUE (dotted keys) applied first."""
     raw = json.loads(json.dumps(raw or {}))
     for item in overrides:
@@ -82,6 +83,11 @@ def resolve_settings(raw: dict | None, overrides: list[str] = ()) -> dict:
         for part in parents:
             node = node.setdefault(part, {})
         node[leaf] = parse_value(value)
+    if not validate:  # the GPU benchmark runs where jsonschema may be missing: defaults only
+        schema = yaml.safe_load(SCHEMA.read_text())
+        config = {"training": raw}
+        fill_defaults(config, schema, schema)
+        return config["training"]
     return validate_config({"training": raw}, source="training settings")["training"]
 
 
@@ -276,6 +282,28 @@ def set_trainable(model, stage: Stage, settings: dict):
     return model
 
 
+@contextlib.contextmanager
+def whole_models(accelerator):
+    """Build models unpartitioned under DeepSpeed ZeRO-3.
+
+    accelerate registers its DeepSpeed config with transformers, which then builds every model inside
+    deepspeed.zero.Init, partitioned at construction. The stages hand full weights from one model to the
+    next and keep CPU copies of the untrained parameters, so models are built whole (prepare partitions
+    them); the main process alone also loads one to save the result, which zero.Init would hang.
+    """
+    plugin = accelerator.state.deepspeed_plugin if is_deepspeed(accelerator) else None
+    if plugin is None or plugin.zero_stage != 3:
+        yield
+        return
+    from transformers.integrations import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        plugin.set_deepspeed_weakref()
+
+
 def build_stage_model(model_dir: str, stage: Stage, settings: dict, trust_remote_code: bool,
                       weights: dict[str, torch.Tensor] | None = None):
     model = load_model(model_dir, trust_remote_code)
@@ -382,12 +410,12 @@ class CausalLMLoss(torch.nn.Module):
         return linear_cross_entropy(hidden.flatten(0, 1), weight, targets.flatten(), self.chunk_tokens)
 
 
-def enable_compile(loss_model: CausalLMLoss) -> None:
+def enable_compile(loss_model: CausalLMLoss, mode: str | None = None) -> None:
     """Compile the transformer body in place (parameter identity, hooks and state-dict names stay) and
     the per-chunk loss kernel, where inductor fuses the upcast, softmax and gradient into few passes."""
     global _chunk_fn
-    loss_model.lm.base_model.compile()
-    _chunk_fn = torch.compile(_chunk_loss_and_grads, dynamic=False)
+    loss_model.lm.base_model.compile(mode=mode)
+    _chunk_fn = torch.compile(_chunk_loss_and_grads, dynamic=False, mode=mode)
 
 
 def param_groups(loss_model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -639,7 +667,8 @@ class Prepared:
     originals: dict[str, torch.Tensor]  # CPU values of the parameters this stage does not train
 
 
-def prepare_stage(accelerator, stage: Stage, model, loader, settings: dict, num_rows: int) -> Prepared:
+def prepare_stage(accelerator, stage: Stage, model, loader, settings: dict, num_rows: int,
+                  compile_mode: str | None = None) -> Prepared:
     """Loss wrapper, row guard (hooks registered before prepare), optimizer and schedule, prepared."""
     loss_model = CausalLMLoss(model, settings["loss_chunk_tokens"])
     weights = embedding_weights(model)
@@ -647,14 +676,14 @@ def prepare_stage(accelerator, stage: Stage, model, loader, settings: dict, num_
     guard = RowGuard(weights, stage.held_rows, num_rows) if trains_rows and len(stage.held_rows) else None
     originals = {n: p.detach().cpu().clone() for n, p in model.named_parameters() if not p.requires_grad}
     if settings["compile"]:
-        enable_compile(loss_model)
+        enable_compile(loss_model, compile_mode)
     optimizer = torch.optim.AdamW(param_groups(loss_model, settings["weight_decay"]), lr=stage.lr, betas=BETAS,
                                   fused=accelerator.device.type == "cuda")
     warmup = math.ceil(settings["warmup_share"] * stage.steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, partial(lr_factor, warmup=warmup, total=stage.steps, floor=settings["min_lr_share"]))
     if is_deepspeed(accelerator):
-        accelerator.state.deepspeed_plugin.deepspeed_config["gradient_clipping"] = settings["grad_clip"]
+        configure_deepspeed(accelerator.state.deepspeed_plugin.deepspeed_config, settings)
     loss_model, optimizer, loader, scheduler = accelerator.prepare(loss_model, optimizer, loader, scheduler)
     if is_deepspeed(accelerator) and accelerator.state.deepspeed_plugin.zero_stage == 3:
         import deepspeed
@@ -663,6 +692,18 @@ def prepare_stage(accelerator, stage: Stage, model, loader, settings: dict, num_
         unwrapped = accelerator.unwrap_model(loss_model)
         deepspeed.zero.register_external_parameter(unwrapped, unwrapped.get_output_embeddings().weight)
     return Prepared(loss_model, optimizer, scheduler, loader, guard, originals)
+
+
+def configure_deepspeed(config: dict, settings: dict) -> None:
+    """Clipping from the settings; under ZeRO-1/2 the gradient reduction overlapped with the backward
+    pass in buckets small enough to overlap (DeepSpeed's defaults reduce once, after the backward)."""
+    config["gradient_clipping"] = settings["grad_clip"]
+    zero = config.setdefault("zero_optimization", {})
+    if zero.get("stage", 0) <= 2:
+        for key, value in (("overlap_comm", True), ("contiguous_gradients", True),
+                           ("reduce_bucket_size", 50_000_000), ("allgather_bucket_size", 200_000_000)):
+            if zero.get(key, "auto") == "auto":
+                zero[key] = value
 
 
 def optimizer_step(accelerator, prepared: Prepared, batches, accumulate: int, grad_clip: float):
@@ -860,7 +901,8 @@ def train(args: argparse.Namespace) -> None:
             weights = full_state(accelerator, prepared.loss_model, prepared.originals)
             prepared = None
             accelerator.free_memory()
-        model = build_stage_model(args.model, stage, settings, args.trust_remote_code, weights)
+        with whole_models(accelerator):
+            model = build_stage_model(args.model, stage, settings, args.trust_remote_code, weights)
         stage_resume = resume if resume and resume[1]["stage"] == stage.index else None
         prepared = run_stage(accelerator, stage, model, dataset, stream, settings, checkpoints, progress,
                              stage_resume, num_rows, dataset.meta["vocab_size"], logger)
@@ -883,8 +925,9 @@ def train(args: argparse.Namespace) -> None:
             "world": world,
             "settings": settings,
         }
-        save_output(args.out, args.model, stages[-1], settings, final, args.trust_remote_code,
-                    checkpoints.log_path, stats)
+        with whole_models(accelerator):
+            save_output(args.out, args.model, stages[-1], settings, final, args.trust_remote_code,
+                        checkpoints.log_path, stats)
         logger.info(f"saved {args.out}: {progress.tokens} tokens in {progress.elapsed:.0f} s of training, "
                     f"loss {progress.first_loss:.3f} -> {stats['final_loss']}")
     accelerator.wait_for_everyone()
