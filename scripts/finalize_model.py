@@ -11,7 +11,6 @@ PROVENANCE.json (resolved config, checksums of the inputs).
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import shutil
 import sys
@@ -21,6 +20,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from fetch_assets import sha256_of  # noqa: E402
 from ivr.cli import UserError, atomic_path, log, run_main  # noqa: E402
 
 
@@ -31,20 +31,12 @@ def failed_gates(validation: dict) -> list[str]:
     ]
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def checksums(paths: list[Path]) -> dict[str, str]:
     out = {}
     for path in paths:
         files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
         for file in files:
-            out[str(file)] = file_sha256(file)
+            out[str(file)] = sha256_of(file)
     return out
 
 
