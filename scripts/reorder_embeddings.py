@@ -20,6 +20,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from fetch_assets import sha256_of  # noqa: E402
 from ivr.cli import UserError, atomic_outputs, log, run_main  # noqa: E402
 
 STRATEGIES = ("subtoken_mean", "weighted", "global_mean", "random", "zeros")
@@ -159,14 +160,6 @@ def tensor_sha256(tensor: torch.Tensor) -> str:
     return hashlib.sha256(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--base-model", required=True, help="base model folder (safetensors) or hub id")
@@ -207,7 +200,7 @@ def main(argv: list[str] | None = None) -> None:
         "tied_weighted": args.tied_weighted if layout.tied else None,
         "base_model": str(args.base_model),
         "rules": str(args.rules),
-        "rules_sha256": file_sha256(args.rules),
+        "rules_sha256": sha256_of(args.rules),
         "tied": layout.tied,
         "parameters": {"input_embeddings": layout.input_name, "output_embeddings": layout.output_name},
         "shape": [layout.rows, layout.dim],
