@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 from tokenizers import Tokenizer
 
-from analyze_corpus import analyze
+from analyze_corpus import _SPACE_IN_WHITESPACE, analyze
 from conftest import ROOT
 
 QWEN_STYLE_SPLIT = (
@@ -121,3 +121,65 @@ def test_sentencepiece_style_tokenizer_is_refused(tmp_path, splits, gpt2_tokeniz
     assert result.stderr.count("\n") == 1 and "not a byte-level BPE tokenizer" in result.stderr
     assert "SentencePiece" in result.stderr
     assert not out.exists() or not any(out.iterdir())
+
+
+@pytest.mark.parametrize("pattern", ["gpt2", "llama3", "qwen2"])
+def test_cutting_at_single_spaces_gives_the_pretokens_of_the_whole_text(pattern):
+    """The analysis counts by space-separated word; that must never change a pre-token, whatever the whitespace."""
+    import random
+
+    from ivr.tokenization import GPT2_PATTERN, LLAMA3_PATTERN, QWEN2_PATTERN, compile_pretokenizer, splits_at_single_spaces
+
+    byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
+    regex_ = {"gpt2": GPT2_PATTERN, "llama3": LLAMA3_PATTERN, "qwen2": QWEN2_PATTERN}[pattern]
+    split = {"type": "Split", "pattern": {"Regex": regex_}, "behavior": "Isolated", "invert": False}
+    spec = {"pre_tokenizer": {"type": "Sequence", "pretokenizers": [split, {**byte_level, "use_regex": False}]}}
+    assert splits_at_single_spaces(spec)
+    digits = {"type": "Digits", "individual_digits": True}  # its part ends break the argument: not cut by words
+    assert not splits_at_single_spaces({"pre_tokenizer": {"type": "Sequence", "pretokenizers": [digits, byte_level]}})
+    pretokenize = compile_pretokenizer(spec)
+    alphabet = [" ", " ", " ", "\n", "\t", "\r", "\u3000", "a", "B", "법", "률", "1", "٣", "'", "s", "!", "(", "\x1c"]
+    rng = random.Random(0)
+    for _ in range(3000):
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randint(1, 14)))
+        if _SPACE_IN_WHITESPACE.search(text):
+            continue  # the analysis pre-tokenizes such texts whole
+        first, *rest = text.split(" ")
+        by_word = pretokenize(first) if first else []
+        for word in rest:
+            by_word += pretokenize(" " + word)
+        assert by_word == pretokenize(text), repr(text)
+
+
+def test_the_rank_merger_segments_like_the_tokenizer(tmp_path, gpt2_tokenizer_dir, korean_texts, english_texts):
+    """tiktoken's merger, built from the merges, gives the BPE's own segmentation on every real pre-token,
+    also when ids do not follow merge order."""
+    from ivr.tokenization import GPT2_PATTERN, RankSegmenter, bytes_to_bytelevel
+
+    import regex
+
+    spec = json.loads((gpt2_tokenizer_dir / "tokenizer.json").read_text())
+    vocab = spec["model"]["vocab"]
+    late = next(t for t, i in vocab.items() if i == 40000)
+    vocab["Ġthe"], vocab[late] = vocab[late], vocab["Ġthe"]  # a merge-built token moved behind later merges
+    pieces = {p for text in korean_texts + english_texts for p in regex.findall(GPT2_PATTERN, text)}
+    for variant in (json.loads((gpt2_tokenizer_dir / "tokenizer.json").read_text()), spec):
+        tok = Tokenizer.from_str(json.dumps(variant))
+
+        def hf(data: bytes) -> list[int]:
+            return [t.id for t in tok.model.tokenize(bytes_to_bytelevel(data))]
+
+        segment = RankSegmenter.build(variant, hf)
+        assert segment is not None
+        mismatched = [p for p in pieces if segment(p.encode()) != hf(p.encode())]
+        assert not mismatched and len(pieces) > 5000
+
+
+def test_ids_out_of_merge_order_still_equal_hf_encode(tmp_path, splits, gpt2_tokenizer_dir):
+    spec = json.loads((gpt2_tokenizer_dir / "tokenizer.json").read_text())
+    vocab = spec["model"]["vocab"]
+    late = next(t for t, i in vocab.items() if i == 40000)
+    vocab["Ġthe"], vocab[late] = vocab[late], vocab["Ġthe"]
+    path = tmp_path / "tokenizer.json"
+    path.write_text(json.dumps(spec))
+    check_against_encode(path, splits, tmp_path / "out")

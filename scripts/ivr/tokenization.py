@@ -41,7 +41,12 @@ def _from_bytelevel() -> dict[str, int]:
 
 
 def to_bytelevel(text: str) -> str:
-    return text.encode("utf-8").decode("latin-1").translate(_to_bytelevel_table())
+    return bytes_to_bytelevel(text.encode("utf-8"))
+
+
+def bytes_to_bytelevel(data: bytes) -> str:
+    """Bytes as the byte-level token string that stands for them."""
+    return data.decode("latin-1").translate(_to_bytelevel_table())
 
 
 def token_bytes(token: str) -> bytes:
@@ -175,6 +180,36 @@ def _split(pattern: regex.Pattern, behavior: str, invert: bool) -> Callable[[str
     return apply
 
 
+# Split patterns of well-known byte-level tokenizers (Llama-3, Qwen2) besides GPT-2's.
+LLAMA3_PATTERN = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+QWEN2_PATTERN = LLAMA3_PATTERN.replace(r"\p{N}{1,3}", r"\p{N}")
+
+
+def splits_at_single_spaces(spec: dict) -> bool:
+    """Whether no pre-token of this pre-tokenizer ever spans a space that has non-whitespace on at
+    least one side (the end of the text counting as whitespace), and each pre-token depends only
+    on the text from its start.
+
+    Then a text split at such spaces, each part but the first keeping its space in front, pre-tokenizes
+    part by part into exactly the pre-tokens of the whole. True for GPT-2's pattern and the Split
+    patterns above (their space-taking alternatives all start at the space, and the only lookahead,
+    (?!\S), follows whitespace). Not for Digits: its part ends act like text ends for (?!\S).
+    Other patterns are not assumed.
+    """
+    steps = _steps(spec.get("pre_tokenizer"))
+    if not steps:
+        return False
+    for step in steps:
+        kind = step.get("type")
+        if kind == "ByteLevel":
+            continue  # its regex, when used, is GPT-2's
+        if kind == "Split" and step.get("behavior", "Isolated") == "Isolated" and not step.get("invert"):
+            if step.get("pattern", {}).get("Regex") in (GPT2_PATTERN, LLAMA3_PATTERN, QWEN2_PATTERN):
+                continue
+        return False
+    return True
+
+
 def compile_pretokenizer(spec: dict) -> Callable[[str], list[str]] | None:
     """A pure-Python twin of the tokenizer's pre-tokenizer that returns raw (not byte-mapped) pieces.
 
@@ -217,3 +252,70 @@ def compile_pretokenizer(spec: dict) -> Callable[[str], list[str]] | None:
         return pieces
 
     return pretokenize
+
+
+class RankSegmenter:
+    """Exact byte-level BPE segmentation of single pre-tokens by tiktoken's rank-based merger.
+
+    tiktoken merges the adjacent pair whose concatenation has the lowest rank; HF's BPE merges
+    the pair listed first in its merges. With ranks increasing in merge order the two agree, except
+    (1) a piece that is itself a token: tiktoken returns it whole, HF only if its merges reach it
+    (unless the model sets ignore_merges), so such pieces go to HF; and (2) a pair that concatenates
+    to a token through a split other than its listed merge, which no byte-level tokenizer we met
+    produces on real text. Callers verify a sample against HF and fall back to it on any difference.
+    build() returns None for BPE options tiktoken cannot express.
+    """
+
+    def __init__(self, encode, rank_to_id: list[int] | None, whole_tokens: frozenset[bytes], hf_tokenize) -> None:
+        self._encode = encode
+        self._rank_to_id = rank_to_id
+        self._whole_tokens = whole_tokens
+        self._hf_tokenize = hf_tokenize
+
+    @classmethod
+    def build(cls, spec: dict, hf_tokenize: Callable[[bytes], list[int]]) -> RankSegmenter | None:
+        """hf_tokenize: the HF model's segmentation of one pre-token's bytes, as ids."""
+        model = spec.get("model", {})
+        if model.get("type") != "BPE" or model.get("dropout") or model.get("byte_fallback"):
+            return None
+        if model.get("continuing_subword_prefix") or model.get("end_of_word_suffix"):
+            return None
+        try:
+            import tiktoken
+        except ImportError:
+            return None
+        vocab: dict[str, int] = model["vocab"]
+        decode = _from_bytelevel()
+        ids: dict[bytes, int] = {}  # token bytes -> id, single bytes first, then in merge order
+        for byte in range(256):
+            token = byte_to_unicode()[byte]
+            if token not in vocab:
+                return None
+            ids[bytes([byte])] = vocab[token]
+        for merge in model.get("merges", []):
+            left, right = merge.split(" ", 1) if isinstance(merge, str) else merge
+            merged = left + right
+            if merged not in vocab:
+                return None
+            try:
+                data = bytes(decode[c] for c in merged)
+            except KeyError:  # not byte-level
+                return None
+            if data in ids:
+                return None
+            ids[data] = vocab[merged]
+        merged_ids = list(ids.values())[256:]
+        if all(a < b for a, b in zip(merged_ids, merged_ids[1:])) and len(set(ids.values())) == len(ids):
+            ranks, rank_to_id = ids, None  # ids already grow in merge order (GPT-2, SmolLM2): use them as ranks
+        else:
+            ranks, rank_to_id = {data: rank for rank, data in enumerate(ids)}, list(ids.values())
+        encoding = tiktoken.Encoding("ivr-segmenter", pat_str=GPT2_PATTERN, mergeable_ranks=ranks, special_tokens={})
+        whole = frozenset() if model.get("ignore_merges") else frozenset(list(ids)[256:])
+        return cls(encoding._encode_single_piece, rank_to_id, whole, hf_tokenize)
+
+    def __call__(self, piece: bytes) -> list[int]:
+        if piece in self._whole_tokens:
+            return self._hf_tokenize(piece)
+        if self._rank_to_id is None:
+            return self._encode(piece)
+        return list(map(self._rank_to_id.__getitem__, self._encode(piece)))
