@@ -5,14 +5,17 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(workflow.basedir) / "scripts"))
 from ivr.cli import UserError  # noqa: E402
-from ivr.config import validate_config  # noqa: E402
+from ivr.config import check_input_paths, validate_config  # noqa: E402
 
+# Config sources, lowest precedence first (--configfile files override the Snakefile's, --config
+# overrides both), so that an error names the one whose value is in effect.
+_cli_configs = [str(f) for f in workflow.overwrite_configfiles]
+_configs = [str(f) for f in workflow.configfiles if str(f) not in _cli_configs] + _cli_configs
+_sources = _configs + [("--config", dict(workflow.config_settings.config or {}))]
 try:
-    config.update(
-        validate_config(
-            config, source=" + ".join(map(str, workflow.configfiles)) or "config"
-        )
-    )
+    _source = " + ".join(_configs) or "config"
+    config.update(validate_config(config, source=_source, files=_sources))
+    check_input_paths(config, source=_source, files=_sources)
 except UserError as err:
     sys.exit(f"error: {err}")
 

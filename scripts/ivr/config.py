@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import os
 from pathlib import Path
 
 import yaml
@@ -45,20 +46,48 @@ def fill_defaults(value: dict, schema: dict, root: dict) -> None:
             fill_defaults(value[key], sub, root)
 
 
-def _describe(error) -> str:
-    where = ".".join(str(p) for p in error.absolute_path)
+def _describe(error) -> tuple[list, str]:
+    """The key path an error is about, and a line saying what is wrong."""
+    parts = list(error.absolute_path)
+    where = ".".join(str(p) for p in parts)
     if error.validator == "additionalProperties":
         known = sorted(error.schema.get("properties", {}))
         extra = sorted(set(error.instance) - set(known))
         key = f"{where}.{extra[0]}" if where else extra[0]
-        return f"unknown key '{key}' (allowed here: {', '.join(known)})"
+        return [*parts, extra[0]], f"unknown key '{key}' (allowed here: {', '.join(known)})"
     if error.validator in ("oneOf", "anyOf") and error.context:
         return _describe(min(error.context, key=lambda e: len(list(e.absolute_path)) * -1))
-    return f"key '{where or '(top level)'}': {error.message}"
+    return parts, f"key '{where or '(top level)'}': {error.message}"
 
 
-def validate_config(config: dict, source: str = "config", schema_path: Path = SCHEMA) -> dict:
-    """Validated copy of config with defaults filled in; UserError naming the key on any problem."""
+ConfigSources = list[str | tuple[str, dict]] | None
+
+
+def file_holding(parts: list, files: ConfigSources) -> str | None:
+    """Of config files (or (label, values) pairs such as Snakemake's --config) listed lowest precedence
+    first, the one whose value at the key path is in effect."""
+    for entry in reversed(files or []):
+        name, node = entry if isinstance(entry, tuple) else (entry, None)
+        if node is None:
+            try:
+                node = yaml.safe_load(Path(name).read_text(encoding="utf-8"))
+            except (OSError, UnicodeDecodeError, yaml.YAMLError):
+                continue
+        for part in parts:
+            if isinstance(node, dict) and part in node:
+                node = node[part]
+            elif isinstance(node, list) and isinstance(part, int) and part < len(node):
+                node = node[part]
+            else:
+                break
+        else:
+            return name
+    return None
+
+
+def validate_config(config: dict, source: str = "config", schema_path: Path = SCHEMA, files: ConfigSources = None) -> dict:
+    """Validated copy of config with defaults filled in; UserError naming the key on any problem (and the
+    file that set it, when `files`, the config files lowest precedence first, are given)."""
     import jsonschema
 
     schema = yaml.safe_load(schema_path.read_text())
@@ -69,8 +98,51 @@ def validate_config(config: dict, source: str = "config", schema_path: Path = SC
     validator = jsonschema.Draft202012Validator(schema)
     errors = sorted(validator.iter_errors(config), key=lambda e: (list(e.absolute_path), e.message))
     if errors:
-        raise UserError(f"{source}: {_describe(jsonschema.exceptions.best_match(errors))}")
+        parts, message = _describe(jsonschema.exceptions.best_match(errors))
+        raise UserError(f"{file_holding(parts, files) or source}: {message}")
     return config
+
+
+def _made_by_a_rule(path: str) -> bool:
+    """Paths under resources/assets/<asset>/ are fetched by the workflow's own rule."""
+    parts = Path(path).parts
+    return len(parts) >= 3 and parts[:2] == ("resources", "assets")
+
+
+def _looks_local(name: str) -> bool:
+    """A model or tokenizer reference that can only be a local path (hub ids are 'owner/name')."""
+    return os.path.isabs(name) or name.startswith((".", "~")) or name.count("/") > 1 or name.endswith((".gguf", ".json"))
+
+
+def check_input_paths(config: dict, source: str = "config", root: str | Path = ".", files: ConfigSources = None) -> None:
+    """Every input path the user names must exist before any job runs; UserError naming the key otherwise.
+
+    Without this, Snakemake reports a missing user file as a multi-line MissingInputException (or a
+    cyclic dependency); paths of the demo assets are exempt, a rule fetches them.
+    """
+    root = Path(root)
+    named: list[tuple[list, str]] = []  # (key path, path)
+    for corpus in ("corpus", "general_corpus"):
+        if config.get(corpus):
+            named += [([corpus, "paths", n], p) for n, p in enumerate(config[corpus].get("paths", []))]
+    for n, texts in enumerate(config.get("ivr", {}).get("eval_texts", [])):
+        named += [(["ivr", "eval_texts", n, "paths", m], p) for m, p in enumerate(texts.get("paths", []))]
+    for parts, value in ((["ivr", "rules_file"], config.get("ivr", {}).get("rules_file")),
+                         (["training", "sft_data"], config.get("training", {}).get("sft_data"))):
+        if value:
+            named.append((parts, value))
+    for key in ("base_model", "base_tokenizer"):
+        value = config.get(key)
+        if value and _looks_local(value):
+            named.append(([key], value))
+    for parts, path in named:
+        if _made_by_a_rule(path):
+            continue
+        key = ".".join(map(str, parts))
+        full = root / os.path.expanduser(path)
+        problem = "does not exist" if not full.exists() else None if os.access(full, os.R_OK) else "is not readable (permission denied)"
+        if problem:
+            raise UserError(f"{file_holding(parts, files) or source}: key '{key}': '{path}' {problem}")
 
 
 def load_config(path: str | Path) -> dict:
