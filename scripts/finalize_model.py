@@ -114,13 +114,45 @@ def describe_corpus(paths: list[str]) -> str:
     return "; ".join(parts) or "none"
 
 
+def read_validation(path: Path) -> dict:
+    if not path.is_file():
+        raise UserError(f"{path}: validation report does not exist")
+    try:
+        validation = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise UserError(f"{path}: not a readable validation report ({err})") from None
+    if not isinstance(validation, dict) or not isinstance(validation.get("gates"), list) or "headline" not in validation:
+        raise UserError(f"{path}: not a validation report of validate.py (needs 'gates' and 'headline')")
+    return validation
+
+
+def read_rules(path: Path) -> dict:
+    if not path.is_file():
+        raise UserError(f"{path}: remap rules file does not exist")
+    try:
+        rules = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, yaml.YAMLError) as err:
+        raise UserError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+    if not isinstance(rules, dict) or not isinstance(rules.get("reassignments"), list):
+        raise UserError(f"{path}: needs a 'reassignments' list")
+    return rules
+
+
+def check_model(path: Path) -> None:
+    if not path.is_dir():
+        raise UserError(f"{path}: fine-tuned model folder does not exist")
+    if not any(path.glob("*.safetensors")):
+        raise UserError(f"{path}: holds no .safetensors weights; not a fine-tuned model folder")
+
+
 def finalize(args: argparse.Namespace) -> None:
-    validation = json.loads(args.validation.read_text())
+    check_model(args.model)
+    validation = read_validation(args.validation)
     failures = failed_gates(validation)
     if failures:
         raise UserError(f"{args.validation}: " + "; ".join(failures) + " (see the report beside it; no final model written)")
     config = args.config or {}
-    rules = yaml.safe_load(args.rules.read_text())
+    rules = read_rules(args.rules)
     provenance = {
         "base_model": describe_base(args.base_model),
         "reassigned": len(rules.get("reassignments", [])),
@@ -144,13 +176,23 @@ def finalize(args: argparse.Namespace) -> None:
     log.info("wrote %s", args.out)
 
 
+def json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({err.msg} at column {err.colno})") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("expected a JSON object")
+    return value
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, required=True, help="the fine-tuned model folder")
     parser.add_argument("--validation", type=Path, required=True, help="validation.json")
     parser.add_argument("--rules", type=Path, required=True, help="remap_rules.yaml")
     parser.add_argument("--base-model", required=True)
-    parser.add_argument("--config", type=json.loads, help="the resolved configuration, as JSON")
+    parser.add_argument("--config", type=json_object, help="the resolved configuration, as JSON")
     parser.add_argument("--inputs", type=Path, nargs="*", default=[], help="input files to checksum")
     parser.add_argument("--out", type=Path, required=True)
     return parser.parse_args(argv)
