@@ -173,7 +173,17 @@ def read_examples(path: str) -> list[dict]:
     return records
 
 
+def check_inputs(args: argparse.Namespace) -> None:
+    """The splits and examples must exist before anything is loaded or tokenized."""
+    for path, what in ((args.train, "domain training split"), (args.general, "general training split"),
+                       (args.sft, "prompt/completion file")):
+        if path and not Path(path).is_file():
+            raise UserError(f"{path}: {what} does not exist")
+
+
 def pack(args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray, dict]:
+    check_inputs(args)
+    examples = read_examples(args.sft) if args.sft else []  # bad examples stop the run before any tokenizing
     tok = eos_tokenizer(args.tokenizer, args.trust_remote_code)
     eos_id = tok.eos_token_id
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else eos_id
@@ -197,7 +207,7 @@ def pack(args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray, dict]:
         if args.chat_template_from:
             source = load_tokenizer(args.chat_template_from, trust_remote_code=args.trust_remote_code)
             template_tok = source if source.chat_template else None
-        pairs = render_examples(read_examples(args.sft), template_tok)
+        pairs = render_examples(examples, template_tok)
         prompts = encode_all(tok, [p for p, _ in pairs], "prompts")
         completions = encode_all(tok, [c for _, c in pairs], "completions")
         if template_tok is None:  # a template ends the turn itself; plain examples end with EOS

@@ -199,6 +199,15 @@ def is_heldout(text: str, seed: int, fraction: float) -> bool:
 
 def iter_jsonl_texts(path: str | os.PathLike) -> Iterator[str]:
     """Read back the documents of a split written by ingest (one JSON object per line, key 'text')."""
-    with open(path, encoding="utf-8") as handle:
-        for line in handle:
-            yield json.loads(line)["text"]
+    with open(path, "rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            try:
+                text = json.loads(raw)["text"]
+            except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
+                text = None
+            if not isinstance(text, str):
+                raise UserError(
+                    f"{path}: line {number}: not a split written by ingest_corpus.py "
+                    "(one JSON object with a string 'text' per line)"
+                )
+            yield text
