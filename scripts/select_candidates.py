@@ -52,7 +52,10 @@ def model_rows(model: str | None, rows: int | None, base: Base, trust_remote_cod
     if rows is None and model:
         path = Path(model) / "config.json"
         if path.is_file():
-            config = json.loads(path.read_text())
+            try:
+                config = json.loads(path.read_text(encoding="utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError) as err:
+                raise UserError(f"{path}: not a readable model config ({err})") from None
         else:
             from transformers import AutoConfig
 
@@ -64,8 +67,11 @@ def model_rows(model: str | None, rows: int | None, base: Base, trust_remote_cod
         if not isinstance(rows, int):
             raise UserError(f"{model}: model config has no vocab_size")
     rows = base.n_ids if rows is None else rows
-    if rows < base.n_ids:
-        log.warning("the model has %d embedding rows but the tokenizer %d ids; ids beyond the rows are never taken", rows, base.n_ids)
+    if rows < base.n_ids:  # more rows than ids is normal (padding); fewer means they do not belong together
+        raise UserError(
+            f"{model or '--model-rows'}: the model has {rows} embedding rows but the tokenizer {base.n_ids} ids; "
+            "the tokenizer's ids beyond the rows would have no embedding (is base_tokenizer the model's own?)"
+        )
     return rows
 
 
