@@ -33,7 +33,7 @@ def convert(gguf: Path, out: Path) -> dict:
         tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
     except Exception as err:  # the GGUF reader raises many kinds on a damaged file
-        raise UserError(f"{gguf}: cannot read the GGUF file ({type(err).__name__}: {str(err)[:200]})") from None
+        raise UserError(f"{gguf}: cannot read the GGUF file ({type(err).__name__}: {_first_line(err)[:200]})") from None
     # The loaded weights are plain float32, but the model still carries the GGUF quantizer, which
     # refuses to save: rebuild a clean model from the config and move the weights over.
     config = model.config
@@ -56,6 +56,11 @@ def convert(gguf: Path, out: Path) -> dict:
         (tmp / "PROVENANCE.json").write_text(json.dumps(provenance, indent=2) + "\n")
     log.info("wrote %s (%s, %d parameters)", out, provenance["form"], model.num_parameters())
     return provenance
+
+
+def _first_line(err: Exception) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else "no message"
 
 
 def _quantization(gguf: Path) -> str | None:
