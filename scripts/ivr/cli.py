@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import glob
 import logging
 import os
+import re
 import shutil
+import socket
 import sys
 import tempfile
 from collections.abc import Callable, Iterator
@@ -33,16 +36,49 @@ def run_main(main: Callable[[list[str] | None], None], argv: list[str] | None = 
         sys.exit(2)
 
 
+def _host() -> str:
+    return socket.gethostname().replace(".", "_") or "localhost"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def remove_stale_temporaries(final: Path) -> list[Path]:
+    """Remove the temporary folders that killed runs (SIGKILL, out of memory) left beside `final`.
+
+    A temporary folder is named .<name>.<pid>-<host>.<random>; it is stale when its process ran on
+    this host and is gone. Folders of live processes and of other hosts are left alone.
+    """
+    pattern = re.compile(rf"\.{re.escape(final.name)}\.(\d+)-([^.]*)\.[^.]+")
+    removed = []
+    for old in final.parent.glob(f".{glob.escape(final.name)}.*"):
+        match = pattern.fullmatch(old.name)
+        if match and match.group(2) == _host() and old.is_dir() and not _alive(int(match.group(1))):
+            shutil.rmtree(old, ignore_errors=True)
+            removed.append(old)
+    return removed
+
+
 @contextlib.contextmanager
 def atomic_path(final: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside `final` and move it into place only on success.
 
     Works for files and folders; on any exception the temporary path is removed, so
-    a failed run never leaves a partial target behind.
+    a failed run never leaves a partial target behind, and what a killed run left is
+    removed by the next one.
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent)) / final.name
+    for old in remove_stale_temporaries(final):
+        log.info("removed %s, left by a run that was killed", old)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.{os.getpid()}-{_host()}.", dir=final.parent)) / final.name
     try:
         yield tmp
         if tmp.is_dir():  # mkdtemp made the parent private; the result gets the usual permissions
