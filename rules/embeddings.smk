@@ -24,7 +24,7 @@ rule reorder_embeddings:
         "python {params.script:q} --base-model {params.model:q} --rules {input.rules:q}"
         " --strategy {params.opts[strategy]} --seed {params.opts[seed]}"
         " --weighted-ratio {params.opts[weighted_ratio]} --tied-weighted {params.opts[tied_weighted]}"
-        " {params.trust} --out {output.embeddings:q} --meta-out {output.meta:q} > {log:q} 2>&1"
+        " --random-scale {params.opts[random_scale]} {params.trust} --out {output.embeddings:q} --meta-out {output.meta:q} > {log:q} 2>&1"
 
 
 rule init_model:

@@ -16,6 +16,9 @@ from ivr.modeling import embedding_layout, embedding_matrices, load_causal_lm
 from ivr.tokenization import to_bytelevel
 from reorder_embeddings import STRATEGIES, Reassignment, load_reassignments, position_weights
 
+# Every strategy on both head layouts, but zeros, which is refused on a tied head.
+STRATEGY_LAYOUTS = [(s, tied) for s in STRATEGIES for tied in (True, False) if not (s == "zeros" and tied)]
+
 KOREAN_WORDS = ["법률안", "국회의원", "대한민국", "개정하려는"]
 
 
@@ -34,8 +37,7 @@ def matrices(tied: bool, rows: int = 64, dim: int = 16) -> tuple[torch.Tensor, t
     return inp, None if tied else torch.randn(rows, dim, generator=gen) * 0.2 - 0.05
 
 
-@pytest.mark.parametrize("tied", [True, False])
-@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize(("strategy", "tied"), STRATEGY_LAYOUTS)
 def test_untouched_rows_bit_identical_and_inputs_unchanged(strategy, tied):
     inp, out = matrices(tied)
     before = (inp.clone(), None if out is None else out.clone())
@@ -61,8 +63,7 @@ def test_untouched_rows_bit_identical_in_bfloat16():
     assert new_in.dtype == torch.bfloat16 and torch.equal(new_in[keep], inp[keep])
 
 
-@pytest.mark.parametrize("tied", [True, False])
-@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize(("strategy", "tied"), STRATEGY_LAYOUTS)
 def test_strategies_deterministic_for_a_seed(strategy, tied):
     inp, out = matrices(tied)
     rules = reassignments_for(inp.shape[0])
@@ -99,7 +100,14 @@ def test_strategy_values_untied():
     g_in, g_out = reorder_embeddings.reorder_embeddings(inp, out, rules, "global_mean")
     assert torch.allclose(g_in[ngram.id], inp.mean(0)) and torch.allclose(g_out[ngram.id], out.mean(0))
     z_in, z_out = reorder_embeddings.reorder_embeddings(inp, out, rules, "zeros")
-    assert not z_in[ngram.id].any() and not z_out[ngram.id].any()
+    # Zero input rows; output rows at the mean, since a zero output row means logit 0 in every context.
+    assert not z_in[ngram.id].any() and torch.allclose(z_out[ngram.id], out.mean(0))
+
+
+def test_zeros_on_a_tied_head_is_refused():
+    inp, _ = matrices(True)
+    with pytest.raises(UserError, match="'zeros' on a tied head"):
+        reorder_embeddings.reorder_embeddings(inp, None, reassignments_for(inp.shape[0]), "zeros")
 
 
 def test_weighted_on_a_tied_matrix_follows_tied_weighted():
@@ -114,14 +122,15 @@ def test_weighted_on_a_tied_matrix_follows_tied_weighted():
     assert torch.allclose(plain[triple.id], inp[[3, 5, 7]].mean(0))
 
 
-def test_random_rows_match_the_embedding_scale():
+@pytest.mark.parametrize("scale", [0.1, 1.0])
+def test_random_rows_scatter_around_the_mean_by_random_scale(scale):
     gen = torch.Generator().manual_seed(1)
     inp = torch.randn(4000, 32, generator=gen) * 0.05 + 0.2
     rules = [Reassignment(i, "ngram", f"t{i}", (1, 2)) for i in range(3000, 4000)]
-    new, _ = reorder_embeddings.reorder_embeddings(inp, None, rules, "random", seed=0)
+    new, _ = reorder_embeddings.reorder_embeddings(inp, None, rules, "random", seed=0, random_scale=scale)
     drawn = new[3000:]
     assert abs(drawn.mean().item() - 0.2) < 0.01
-    assert abs(drawn.std().item() - 0.05) < 0.005
+    assert abs(drawn.std().item() - 0.05 * scale) < 0.1 * 0.05 * scale
 
 
 def test_position_weights():
