@@ -82,10 +82,12 @@ def main() -> None:
     docs = load_docs([train, heldout])  # loaded only now, so the analysis children above start small
     megabytes = sum(len(d.encode("utf-8")) for d in docs) / 1e6
     print(f"{len(docs)} documents, {megabytes:.1f} MB of text")
-    import tiktoken
-    from tiktoken.load import load_tiktoken_bpe
+    import base64
 
-    enc = tiktoken.Encoding("gpt2", pat_str=GPT2_SPLIT, mergeable_ranks=load_tiktoken_bpe(str(ranks_file)), special_tokens={})
+    import tiktoken
+
+    ranks = {base64.b64decode(token): int(rank) for token, rank in (line.split() for line in ranks_file.read_text().splitlines() if line)}
+    enc = tiktoken.Encoding("gpt2", pat_str=GPT2_SPLIT, mergeable_ranks=ranks, special_tokens={})
     start = time.perf_counter()
     tik_tokens = sum(map(len, enc.encode_ordinary_batch(docs, num_threads=args.threads)))
     tik = time.perf_counter() - start

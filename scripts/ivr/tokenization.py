@@ -186,7 +186,7 @@ QWEN2_PATTERN = LLAMA3_PATTERN.replace(r"\p{N}{1,3}", r"\p{N}")
 
 
 def splits_at_single_spaces(spec: dict) -> bool:
-    """Whether no pre-token of this pre-tokenizer ever spans a space that has non-whitespace on at
+    r"""Whether no pre-token of this pre-tokenizer ever spans a space that has non-whitespace on at
     least one side (the end of the text counting as whitespace), and each pre-token depends only
     on the text from its start.
 
