@@ -109,7 +109,20 @@ def result(record: dict) -> None:
     print("RESULT " + json.dumps(record), flush=True)
 
 
+def prefer_attention(name: str) -> None:
+    """Experiment: put one SDPA backend first for everything that follows (compiled graphs included)."""
+    if name == "default":
+        return
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    first = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION}[name]
+    rest = [b for b in (SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+                        SDPBackend.MATH) if b != first]
+    sdpa_kernel([first, *rest], set_priority=True).__enter__()
+
+
 def run_ours(args) -> None:
+    prefer_attention(args.attention)
     settings = T.resolve_settings({}, [f"micro_batch_size={args.batch}", f"compile={str(args.compile).lower()}",
                                        f"loss_chunk_tokens={args.chunk}", "weight_decay=0.1", "warmup_share=0"],
                                   validate=False)
@@ -292,6 +305,8 @@ def main() -> None:
     parser.add_argument("--gpus", type=int, default=2, help="GPUs for --mode scaling")
     parser.add_argument("--seq", type=int, default=SEQ, help="sequence length (1024 for the numbers that count)")
     parser.add_argument("--untied", action="store_true", help="frozen mode: an untied output head")
+    parser.add_argument("--attention", choices=["default", "cudnn", "flash"], default="default",
+                        help="ours: the SDPA backend tried first")
     args = parser.parse_args()
     set_seq(args.seq)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

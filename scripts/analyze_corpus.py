@@ -17,14 +17,16 @@ word: much faster than encoding every document, with the same result. Writes
 from __future__ import annotations
 
 import argparse
+import gc
+from array import array
 import json
 import multiprocessing as mp
 import os
 import re
 import sys
+import threading
 from collections.abc import Iterator
-from collections import defaultdict
-from itertools import count, islice
+from itertools import chain, count, islice
 from pathlib import Path
 
 import numpy as np
@@ -40,7 +42,6 @@ from ivr.tokenization import (  # noqa: E402
     load_tokenizer_json,
     readable,
     splits_at_single_spaces,
-    to_bytelevel,
     token_bytes,
 )
 
@@ -65,20 +66,21 @@ class Growing:
     def view(self) -> np.ndarray:
         return self.data[: self.size]
 
-    def add_at(self, index: np.ndarray, values: np.ndarray) -> None:
-        """data[index] += values, for distinct indices."""
-        if len(index) and index.max() >= self.size:
-            self.extend(np.zeros(index.max() + 1 - self.size))
-        self.data[index] += values
+    def add_dense(self, values: np.ndarray) -> None:
+        """data[: len(values)] += values."""
+        if len(values) > self.size:
+            self.extend(np.zeros(len(values) - self.size))
+        self.data[: len(values)] += values
 
 
 # ---- worker side -------------------------------------------------------------------------
 # Phase 1 (parallel): cut documents into units and give each distinct unit a worker-local index.
 # A unit is a space-separated word with its leading space (the pre-tokenizers we speed up never let
 # a pre-token cross such a space, see splits_at_single_spaces), or one pre-token where that does
-# not hold. Phase 2: pre-tokenize each distinct unit once and segment each distinct pre-token once
-# with the base BPE. Phase 3: expand the training split's unit sequence into token ids. Counting
-# by unit is exact and much cheaper than encoding every document.
+# not hold. Phase 2 (parallel): the distinct units, split among the workers, are pre-tokenized once
+# and their pre-tokens segmented with the base BPE. Phase 3: the training split's unit sequence is
+# expanded into token ids while the tables are written. Counting by unit is exact and much cheaper
+# than encoding every document.
 
 SPECIAL = "\x00"  # unit kinds, as the first character of a unit's key: an added token met in the text,
 WORD = "\x01"  # a word that followed a single space (its pre-tokens are those of " " + word),
@@ -86,10 +88,13 @@ WHOLE = "\x02"  # text before the first space (pre-tokenized as it is),
 PIECE = "\x03"  # one pre-token, kept verbatim
 _SPACE_IN_WHITESPACE = re.compile(r" (?<=\s )(?:\s|\Z)")  # a space with whitespace (or the end) on both sides
 
+VERIFY_EVERY = 32  # every n-th distinct pre-token segmented by ranks is checked against the HF model
+GUARD_EVERY = 256  # every n-th training document is encoded by the tokenizer itself and compared
 _W: dict = {}
-_SEGMENTER: list = [None]  # set before the pool forks, so workers inherit the built tiktoken merger
-VERIFY_EVERY = 16  # every n-th distinct pre-token segmented by ranks is checked against the HF model
-GUARD_EVERY = 128  # every n-th training document is encoded by the tokenizer itself and compared
+
+
+class RankMismatch(Exception):
+    """tiktoken's merger disagreed with the tokenizer on a sampled pre-token."""
 
 
 class _Numbering(dict):
@@ -105,9 +110,10 @@ class _Numbering(dict):
         return value
 
 
-def _worker_init(spec_json: str, exact: bool) -> None:
+def _worker_init(spec_json: str, exact: bool, use_ranks: bool) -> None:
     from tokenizers import Tokenizer
 
+    gc.disable()  # millions of new strings and lists, no reference cycles: the collector only costs time
     import regex
 
     spec = json.loads(spec_json)
@@ -119,6 +125,8 @@ def _worker_init(spec_json: str, exact: bool) -> None:
     added = {t["content"]: t["id"] for t in spec.get("added_tokens", [])}
     _W["added"] = added
     _W["added_re"] = regex.compile("(" + "|".join(map(regex.escape, sorted(added, key=len, reverse=True))) + ")")
+    _W["segment"] = (RankSegmenter.build(spec, _hf_segment) if use_ranks and not exact else None) or _hf_segment
+    _W["pieces"] = {}
     new: list[str] = []
     counter = count().__next__
     _W["new"] = new
@@ -137,6 +145,10 @@ def to_text(bytelevel_piece: str) -> str:
     return token_bytes(bytelevel_piece).decode("utf-8", errors="surrogateescape")
 
 
+def _hf_segment(piece: bytes) -> list[int]:
+    return [t.id for t in _W["tok"].model.tokenize(bytes_to_bytelevel(piece))]
+
+
 def _add_units(part: str, out: list[int]) -> None:
     units = _W["units"]
     if _W["by_word"] and _SPACE_IN_WHITESPACE.search(part) is None:
@@ -148,83 +160,95 @@ def _add_units(part: str, out: list[int]) -> None:
         out.extend(map(units[PIECE].__getitem__, _W["pretokenize"](part)))
 
 
-def _units_of(text: str) -> list[int]:
+def _add_units_of(text: str, out: list[int]) -> None:
     if _W["normalize"]:
         text = _W["normalize"](text)
-    out: list[int] = []
     if not any(a in text for a in _W["added"]):
         _add_units(text, out)
-        return out
+        return
     for i, part in enumerate(_W["added_re"].split(text)):
         if i % 2:
             out.append(_W["units"][SPECIAL][part])
         elif part:
             _add_units(part, out)
-    return out
 
 
-def _index_chunk(task: tuple[list[str], bool]):
-    """Phase 1: units of a chunk of JSON lines as worker-local indices (or their counts)."""
-    lines, keep_sequence = task
+def _index_chunk(task: tuple[str, int, int, bool]) -> dict:
+    """Phase 1: units of a chunk of JSON lines as worker-local indices (or their counts), the units new
+    to this worker, and the tokenizer's own ids of every GUARD_EVERY-th line of the chunk."""
+    path, start, end, keep_sequence = task
+    with open(path, "rb") as handle:
+        handle.seek(start)
+        lines = handle.read(end - start).decode("utf-8").split("\n")
+    if lines and not lines[-1]:
+        lines.pop()
     new = _W["new"]
     new.clear()
     occurrences: list[int] = []
     doc_units = np.zeros(len(lines), dtype=np.int64)
+    sample: list[tuple[int, list[int]]] = []
     n_bytes = 0
     for i, line in enumerate(lines):
         doc = json.loads(line)["text"]
-        units = _units_of(doc)
-        occurrences.extend(units)
-        doc_units[i] = len(units)
+        before = len(occurrences)
+        _add_units_of(doc, occurrences)
+        doc_units[i] = len(occurrences) - before
         n_bytes += len(doc.encode("utf-8"))
-    local = np.asarray(occurrences, dtype=np.int64)
-    n_known = sum(map(len, _W["units"].values()))
-    payload = local if keep_sequence else np.bincount(local, minlength=n_known)
-    return os.getpid(), list(new), payload, doc_units, n_bytes
+        if keep_sequence and i % GUARD_EVERY == 0:
+            sample.append((i, _W["tok"].encode(doc, add_special_tokens=False).ids))
+    local = np.frombuffer(array("l", occurrences), dtype=np.int64)
+    known = sum(map(len, _W["units"].values()))
+    return {
+        "units": list(new),
+        "payload": local if keep_sequence else np.bincount(local, minlength=known),
+        "doc_units": doc_units,
+        "bytes": n_bytes,
+        "sample": sample,
+    }
 
 
-def _pieces_of_units(keys: list[str]) -> list[list[str]]:
-    """Phase 2a: the pre-tokens of each unit (an added token stays one piece, SPECIAL-prefixed)."""
-    pretokenize = _W["pretokenize"]
-    out = []
+def _resolve_units(keys: list[str]) -> dict:
+    """Phase 2: pre-tokens of new units, each pre-token new to this process segmented once. Returns
+    unit -> piece numbers (numbered in order of first sight, across calls) and the new pieces with
+    their segmentations."""
+    pretokenize, segment, added = _W["pretokenize"], _W["segment"], _W["added"]
+    pieces: dict[str, int] = _W["pieces"]
+    first_new = len(pieces)
+    piece_segs: list[list[int]] = []
+    unit_pieces: list[list[int]] = []
+    mismatches = 0
     for key in keys:
         kind, text = key[0], key[1:]
         if kind == WORD:  # a word of letters after a space is one pre-token for every pattern we cut by words
-            out.append([" " + text] if text.isalpha() else pretokenize(" " + text))
+            parts = [" " + text] if text.isalpha() else pretokenize(" " + text)
         elif kind == WHOLE:
-            out.append(pretokenize(text))
+            parts = pretokenize(text)
         elif kind == PIECE:
-            out.append([text])
+            parts = [text]
         else:
-            out.append([key])
-    return out
+            parts = [key]  # an added token: one piece, SPECIAL-prefixed
+        numbers = []
+        for part in parts:
+            number = pieces.get(part)
+            if number is None:
+                number = pieces[part] = len(pieces)
+                if part.startswith(SPECIAL):
+                    piece_segs.append([added[part[1:]]])
+                else:
+                    data = part.encode("utf-8", "surrogateescape")
+                    seg = segment(data)
+                    if segment is not _hf_segment and number % VERIFY_EVERY == 0 and seg != _hf_segment(data):
+                        mismatches += 1
+                    piece_segs.append(seg)
+            numbers.append(number)
+        unit_pieces.append(numbers)
+    return {"pieces": list(islice(pieces, first_new, None)), "segs": Ragged(*_ragged(piece_segs)),
+            "unit_pieces": Ragged(*_ragged(unit_pieces)), "mismatches": mismatches}
 
 
-def _hf_segment(piece: bytes) -> list[int]:
-    return [t.id for t in _W["tok"].model.tokenize(bytes_to_bytelevel(piece))]
-
-
-def _segment_many(task: tuple[list[str], bool]) -> tuple[np.ndarray, np.ndarray, list[str], int]:
-    """Phase 2b: base segmentation of distinct pieces, as (lengths, flat ids, byte-level forms,
-    number of sampled pieces where the rank merger and the HF model disagree)."""
-    keys, use_ranks = task
-    segment = _SEGMENTER[0] if use_ranks and _SEGMENTER[0] else _hf_segment
-    added = _W["added"]
-    segs, forms, mismatches = [], [], 0
-    for n, key in enumerate(keys):
-        if key.startswith(SPECIAL):
-            segs.append([added[key[1:]]])
-            forms.append(key)
-            continue
-        data = key.encode("utf-8", "surrogateescape")
-        forms.append(bytes_to_bytelevel(data))
-        seg = segment(data)
-        if segment is not _hf_segment and n % VERIFY_EVERY == 0 and seg != _hf_segment(data):
-            mismatches += 1
-        segs.append(seg)
-    lens = np.fromiter(map(len, segs), dtype=np.int64, count=len(segs))
-    flat = np.fromiter((i for s in segs for i in s), dtype=np.int64, count=int(lens.sum()))
-    return lens, flat, forms, mismatches
+def _ragged(rows: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
+    lens = np.fromiter(map(len, rows), dtype=np.int64, count=len(rows))
+    return lens, np.fromiter(chain.from_iterable(rows), dtype=np.int64, count=int(lens.sum()))
 
 
 # ---- main side -----------------------------------------------------------------------------
@@ -233,9 +257,9 @@ def _segment_many(task: tuple[list[str], bool]) -> tuple[np.ndarray, np.ndarray,
 class Ragged:
     """Rows of ids of varying length, stored flat: row r is flat[starts[r] : starts[r] + lens[r]]."""
 
-    def __init__(self, lens: np.ndarray, flat: np.ndarray) -> None:
+    def __init__(self, lens: np.ndarray, flat: np.ndarray, starts: np.ndarray | None = None) -> None:
         self.lens, self.flat = lens, flat
-        self.starts = np.cumsum(lens) - lens
+        self.starts = np.cumsum(lens) - lens if starts is None else starts
 
     def expand(self, rows: np.ndarray) -> np.ndarray:
         """The concatenated ids of a sequence of rows."""
@@ -250,55 +274,62 @@ class Ragged:
                                  minlength=len(self.lens)).astype(np.int64)
         return Ragged(token_lens, inner.expand(self.flat))
 
+    @staticmethod
+    def concatenate(parts: list[Ragged]) -> Ragged:
+        if not parts:
+            return Ragged(np.zeros(0, np.int64), np.zeros(0, np.int64))
+        return Ragged(np.concatenate([p.lens for p in parts]), np.concatenate([p.flat for p in parts]))
+
 
 class UnitTable:
-    """Distinct units, numbered globally in order of first sight; later their pieces and tokens."""
+    """Distinct units and pre-tokens, numbered in order of first sight, with their segmentations;
+    filled batch by batch as the resolver answers, so token ids can be written while it works."""
 
     def __init__(self) -> None:
         self.keys: list[str] = []
-        self.gid: dict[str, int] = {}
-        self.local_to_global: dict[int, Growing] = {}
-        self.piece_keys: list[str] = []  # distinct pieces in order of first sight in the text
-        self.piece_forms: list[str] = []  # byte-level form of each piece
-        self.pieces: Ragged | None = None  # unit -> piece numbers
-        self.tokens: Ragged | None = None  # unit -> token ids
-        self.piece_tokens: Ragged | None = None  # piece -> token ids
+        self.piece_keys: list[str] = []
+        self.mismatches = 0
+        self.grown = {name: Growing() for name in (
+            "piece_lens", "piece_starts", "piece_flat", "unit_lens", "unit_starts", "unit_flat", "unit_piece_lens",
+            "unit_piece_flat")}
+        self.pieces: Ragged | None = None  # unit -> piece numbers (after finish)
+        self.piece_tokens: Ragged | None = None  # piece -> token ids (after finish)
+        self.tokens: Ragged | None = None  # unit -> token ids (after finish)
 
-    def absorb(self, pid: int, new: list[str]) -> np.ndarray:
-        """Register a worker's new units; return its local->global translation array."""
-        gid, keys = self.gid, self.keys
-        ids = []
-        for key in new:
-            g = gid.get(key)
-            if g is None:
-                g = gid[key] = len(keys)
-                keys.append(key)
-            ids.append(g)
-        trans = self.local_to_global.setdefault(pid, Growing())
-        trans.extend(ids)
-        return trans.view()
+    @property
+    def resolved_units(self) -> int:
+        return self.grown["unit_lens"].size
 
-    def segment(self, pool, parts: int) -> None:
-        step = -(-len(self.keys) // parts) or 1
-        unit_pieces = [p for r in pool.map(_pieces_of_units, [self.keys[i : i + step] for i in range(0, len(self.keys), step)]) for p in r]
-        number = defaultdict(count().__next__)
-        flat = np.fromiter((number[p] for ps in unit_pieces for p in ps), dtype=np.int64)
-        self.pieces = Ragged(np.fromiter(map(len, unit_pieces), dtype=np.int64, count=len(unit_pieces)), flat)
-        self.piece_keys = list(number)
-        log.info("segmenting %d distinct pre-tokens of %d distinct units", len(self.piece_keys), len(self.keys))
-        step = -(-len(self.piece_keys) // parts) or 1
-        slices = [self.piece_keys[i : i + step] for i in range(0, len(self.piece_keys), step)]
-        results = pool.map(_segment_many, [(s, True) for s in slices])
-        mismatches = sum(r[3] for r in results)
-        if mismatches:
-            log.warning("tiktoken's merger disagreed with the tokenizer on %d sampled pieces; segmenting with the tokenizer", mismatches)
-            results = pool.map(_segment_many, [(s, False) for s in slices])
-        self.piece_tokens = Ragged(
-            np.concatenate([r[0] for r in results] or [np.zeros(0, np.int64)]),
-            np.concatenate([r[1] for r in results] or [np.zeros(0, np.int64)]),
-        )
-        self.piece_forms = [f for r in results for f in r[2]]
-        self.tokens = self.pieces.compose(self.piece_tokens)
+    def add(self, answer: dict) -> None:
+        """Append one resolver answer (answers come in the order of the units asked about)."""
+        g = self.grown
+        self.mismatches += answer["mismatches"]
+        self.piece_keys += answer["pieces"]
+        segs, by_unit = answer["segs"], answer["unit_pieces"]
+        g["piece_starts"].extend(self._starts("piece_flat", segs.lens))
+        for prefix, part in (("piece", segs), ("unit_piece", by_unit)):
+            g[f"{prefix}_lens"].extend(part.lens)
+            g[f"{prefix}_flat"].extend(part.flat)
+        pieces = Ragged(g["piece_lens"].view(), g["piece_flat"].view(), g["piece_starts"].view())
+        tokens = by_unit.compose(pieces)
+        g["unit_starts"].extend(self._starts("unit_flat", tokens.lens))
+        g["unit_lens"].extend(tokens.lens)
+        g["unit_flat"].extend(tokens.flat)
+
+    def _starts(self, flat: str, lens: np.ndarray) -> np.ndarray:
+        return self.grown[flat].size + np.cumsum(lens) - lens
+
+    def unit_tokens(self) -> Ragged:
+        g = self.grown
+        return Ragged(g["unit_lens"].view(), g["unit_flat"].view(), g["unit_starts"].view())
+
+    def finish(self) -> None:
+        if self.mismatches:
+            raise RankMismatch
+        g = self.grown
+        self.piece_tokens = Ragged(g["piece_lens"].view(), g["piece_flat"].view())
+        self.pieces = Ragged(g["unit_piece_lens"].view(), g["unit_piece_flat"].view())
+        self.tokens = self.unit_tokens()
 
     def piece_counts(self, unit_counts: np.ndarray) -> np.ndarray:
         full = np.zeros(len(self.keys), dtype=np.int64)
@@ -307,17 +338,42 @@ class UnitTable:
         return np.bincount(self.pieces.flat, weights=weights, minlength=len(self.piece_keys)).astype(np.int64)
 
 
-def _chunks(path: Path, chunk_bytes: int, keep_sequence: bool) -> Iterator[tuple[list[str], bool]]:
-    lines, size = [], 0
-    with open(path, encoding="utf-8") as handle:
-        for line in handle:
-            lines.append(line)
-            size += len(line)
-            if size >= chunk_bytes:
-                yield lines, keep_sequence
-                lines, size = [], 0
-    if lines:
-        yield lines, keep_sequence
+class IdWriter:
+    """Writes the training split's token ids chunk by chunk, as soon as the chunk's units are resolved."""
+
+    def __init__(self, handle, dtype) -> None:
+        self.handle, self.dtype = handle, dtype
+        self.pending: list[tuple[np.ndarray, np.ndarray, int]] = []  # (unit ids, units per document, units needed)
+        self.offsets = [np.zeros(1, dtype=np.int64)]
+
+    def add(self, units: np.ndarray, doc_units: np.ndarray, needed: int) -> None:
+        self.pending.append((units, doc_units, needed))
+
+    def write_ready(self, table: UnitTable) -> None:
+        done = 0
+        tokens = None
+        for units, doc_units, needed in self.pending:
+            if needed > table.resolved_units:
+                break
+            tokens = tokens or table.unit_tokens()
+            self.handle.write(tokens.expand(units).astype(self.dtype).tobytes())
+            so_far = np.concatenate([[0], np.cumsum(tokens.lens[units])])
+            self.offsets.append(self.offsets[-1][-1] + so_far[np.cumsum(doc_units)])
+            done += 1
+        del self.pending[:done]
+
+
+def _chunks(path: Path, chunk_bytes: int, keep_sequence: bool) -> Iterator[tuple[str, int, int, bool]]:
+    """Byte ranges of about chunk_bytes that end at line ends; the workers read them themselves."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as handle:
+        start = 0
+        while start < size:
+            handle.seek(min(start + chunk_bytes, size) - 1)
+            handle.readline()
+            end = handle.tell()
+            yield str(path), start, end, keep_sequence
+            start = end
 
 
 def analyze(
@@ -332,6 +388,20 @@ def analyze(
     """Analyze the splits (keys: train, heldout, general_train, general_heldout) into out_dir."""
     spec = load_tokenizer_json(tokenizer, trust_remote_code)
     check_byte_level_bpe(spec, tokenizer)
+    threading.Thread(target=_import_pyarrow, daemon=True).start()  # needed at the end; load it meanwhile
+    try:
+        return _analyze(spec, splits, out_dir, threads, exact, chunk_bytes, use_ranks=True)
+    except RankMismatch:
+        log.warning("tiktoken's merger disagreed with the tokenizer on sampled pre-tokens; analysing again with the tokenizer")
+        return _analyze(spec, splits, out_dir, threads, exact, chunk_bytes, use_ranks=False)
+
+
+def _import_pyarrow() -> None:
+    import pyarrow.parquet  # noqa: F401
+
+
+def _analyze(spec: dict, splits: dict[str, Path], out_dir: Path, threads: int, exact: bool, chunk_bytes: int,
+             use_ranks: bool) -> dict:
     spec_json = json.dumps(spec)
     from tokenizers import Tokenizer
 
@@ -345,38 +415,49 @@ def analyze(
         "train_ids.bin", "train_offsets.npy", "train_ids.json",
         "token_frequencies.parquet", "pretokens.parquet", "corpus_stats.json",
     )
-    _W["tok"] = tok
-    _SEGMENTER[0] = None if exact else RankSegmenter.build(spec, _hf_segment)
-    log.info("segmenting with %s", "tiktoken's merger, checked against the tokenizer" if _SEGMENTER[0] else "the tokenizer")
     ctx = mp.get_context("fork")
     with atomic_outputs(*(out_dir / n for n in names)) as paths, ctx.Pool(
-        max(1, threads), initializer=_worker_init, initargs=(spec_json, exact)
+        1, initializer=_worker_init, initargs=(spec_json, exact, use_ranks)
     ) as pool:
+        _worker_init(spec_json, exact, use_ranks=False)  # this process cuts and numbers units; the pool's resolves them
         bin_path, offsets_path, meta_path, freq_path, pretokens_path, stats_path = paths
-        sequence_path = bin_path.with_name("units.tmp")
-        doc_units_all: list[np.ndarray] = []
-        with open(sequence_path, "wb") as sequence:
+        sample: list[tuple[int, list[int]]] = []
+        asked: list = []  # AsyncResults of _resolve_units, in order
+        with open(bin_path, "wb") as bin_handle:
+            writer = IdWriter(bin_handle, dtype)
+
+            def take_answers(wait: bool) -> None:
+                while len(asked) > table_answers[0] and (wait or asked[table_answers[0]].ready()):
+                    table.add(asked[table_answers[0]].get())
+                    table_answers[0] += 1
+                writer.write_ready(table)
+
+            table_answers = [0]
             for name, path in splits.items():
                 keep = name == "train"
                 n_docs = n_bytes = 0
-                bar = progress(total=os.path.getsize(path), unit="B", unit_scale=True, desc=f"pre-tokenize {name}")
-                for pid, new, payload, doc_units, chunk_utf8 in pool.imap(_index_chunk, _chunks(path, chunk_bytes, keep)):
-                    trans = table.absorb(pid, new)
+                bar = progress(total=os.path.getsize(path), unit="B", unit_scale=True, desc=f"analyze {name}")
+                log.info("analyzing %s (%s)", name, path)
+                for task in _chunks(path, chunk_bytes, keep):
+                    chunk = _index_chunk(task)
+                    table.keys += chunk["units"]
+                    asked.append(pool.apply_async(_resolve_units, (chunk["units"],)))
                     if keep:
-                        sequence.write(trans[payload].astype(np.int32).tobytes())
-                        doc_units_all.append(doc_units)
-                        payload = np.bincount(payload, minlength=len(trans))
-                    nz = np.nonzero(payload)[0]
-                    counts[name].add_at(trans[nz], payload[nz])
-                    n_docs += len(doc_units)
-                    n_bytes += chunk_utf8
-                    bar.update(chunk_utf8)
+                        counts[name].add_dense(np.bincount(chunk["payload"]))
+                        writer.add(chunk["payload"], chunk["doc_units"], len(table.keys))
+                    else:
+                        counts[name].add_dense(chunk["payload"])
+                    take_answers(wait=False)
+                    sample += [(n_docs + i, ids) for i, ids in chunk["sample"]]
+                    n_docs += len(chunk["doc_units"])
+                    n_bytes += chunk["bytes"]
+                    bar.update(task[2] - task[1])
                 bar.close()
                 stats[name] = {"documents": n_docs, "bytes": n_bytes}
-        table.segment(pool, 8 * max(1, threads))
-        log.info("writing token ids and tables; checking every %dth training document against the tokenizer", GUARD_EVERY)
-        sample = pool.apply_async(_encode_sample, (splits["train"], GUARD_EVERY))
-        written = pool.apply_async(_write_ids, (table.tokens, sequence_path, doc_units_all, bin_path, dtype))
+            take_answers(wait=True)
+        table.finish()
+        offsets = np.concatenate(writer.offsets)
+        log.info("%d distinct units, %d distinct pre-tokens; writing tables", len(table.keys), len(table.piece_keys))
         for name in splits:
             c = counts[name].view()
             n_tokens = int((c * table.tokens.lens[: len(c)]).sum())
@@ -384,10 +465,8 @@ def analyze(
             stats[name]["tokens_per_byte"] = round(n_tokens / stats[name]["bytes"], 6) if stats[name]["bytes"] else None
             log.info("%s: %d documents, %d bytes, %d tokens", name, stats[name]["documents"], stats[name]["bytes"], n_tokens)
         _write_tables(table, counts, tok, spec, freq_path, pretokens_path)
-        offsets = written.get()
-        sequence_path.unlink()
         np.save(offsets_path, offsets)
-        _guard(sample.get(), splits["train"], bin_path, offsets, dtype)
+        _guard(sample, splits["train"], bin_path, offsets, dtype)
         meta = {
             "dtype": np.dtype(dtype).name,
             "byteorder": "little",
@@ -401,28 +480,6 @@ def analyze(
     return stats
 
 
-def _write_ids(tokens: Ragged, sequence_path: Path, doc_units_all: list[np.ndarray], bin_path: Path, dtype) -> np.ndarray:
-    """Phase 3: turn the training split's unit sequence into token ids, chunk by chunk."""
-    sequence = np.memmap(sequence_path, dtype=np.int32, mode="r") if sequence_path.stat().st_size else np.zeros(0, np.int32)
-    offsets = [np.zeros(1, dtype=np.int64)]
-    pos = 0
-    with open(bin_path, "wb") as out:
-        for doc_units in doc_units_all:
-            gids = np.asarray(sequence[pos : pos + int(doc_units.sum())], dtype=np.int64)
-            pos += len(gids)
-            out.write(tokens.expand(gids).astype(dtype).tobytes())
-            tokens_so_far = np.concatenate([[0], np.cumsum(tokens.lens[gids])])
-            offsets.append(offsets[-1][-1] + tokens_so_far[np.cumsum(doc_units)])
-    return np.concatenate(offsets)
-
-
-def _encode_sample(train: Path, every: int) -> list[tuple[int, list[int]]]:
-    """Every n-th training document as the tokenizer itself encodes it (run in a worker)."""
-    with open(train, encoding="utf-8") as handle:
-        sample = [(n, json.loads(line)["text"]) for n, line in enumerate(handle) if n % every == 0]
-    return [(n, _W["tok"].encode(text, add_special_tokens=False).ids) for n, text in sample]
-
-
 def _guard(sample: list[tuple[int, list[int]]], train: Path, bin_path: Path, offsets: np.ndarray, dtype) -> None:
     """The sampled documents' ids in train_ids.bin must equal the tokenizer's own, exactly."""
     ids = np.memmap(bin_path, dtype=dtype, mode="r") if offsets[-1] else np.zeros(0, dtype)
@@ -434,8 +491,10 @@ def _guard(sample: list[tuple[int, list[int]]], train: Path, bin_path: Path, off
             )
 
 
-def _write_tables(table: UnitTable, counts: dict[str, Growing], tok, spec: dict, freq_path: Path, pretokens_path: Path) -> None:
+def _write_tables(table: UnitTable, counts: dict[str, Growing], tok, spec: dict, freq_path: Path,
+                  pretokens_path: Path) -> None:
     import pyarrow as pa
+    import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
     def piece_counts(name: str) -> np.ndarray:
@@ -464,16 +523,17 @@ def _write_tables(table: UnitTable, counts: dict[str, Growing], tok, spec: dict,
     keep = np.nonzero(~is_special & ((domain > 0) | (general > 0)))[0]
     keep = keep[np.lexsort((keep, -general[keep], -domain[keep]))]  # by count, then first sight
     rows = keep.tolist()
+    offsets = pa.array(np.concatenate([[0], np.cumsum(segs.lens[keep])]), pa.int32())
+    ids = segs.expand(keep)
+    # A pre-token's byte-level form is its tokens' strings joined.
+    forms = pc.binary_join(pa.ListArray.from_arrays(offsets, pa.array(tokens).take(pa.array(ids))), "")
     pre = pa.table(
         {
-            "pretoken": [table.piece_forms[g] for g in rows],
+            "pretoken": forms,
             "text": [keys[g] for g in rows],
             "count": pa.array(domain[keep], pa.int64()),
             "general_count": pa.array(general[keep], pa.int64()),
-            "ids": pa.ListArray.from_arrays(
-                pa.array(np.concatenate([[0], np.cumsum(segs.lens[keep])]), pa.int32()),
-                pa.array(segs.expand(keep), pa.int32()),
-            ),
+            "ids": pa.ListArray.from_arrays(offsets, pa.array(ids, pa.int32())),
         }
     )
     pq.write_table(pre, pretokens_path)
@@ -487,7 +547,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--general-train", type=Path)
     parser.add_argument("--general-heldout", type=Path)
     parser.add_argument("--out-dir", type=Path, required=True)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2, help="kept for the rule; the analysis uses this process and one helper")
     parser.add_argument("--exact-pretokenizer", action="store_true", help="use the tokenizer's own (slower) pre-tokenizer")
     parser.add_argument("--trust-remote-code", action="store_true")
     return parser.parse_args(argv)

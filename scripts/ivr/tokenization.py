@@ -311,7 +311,8 @@ class RankSegmenter:
             ranks, rank_to_id = {data: rank for rank, data in enumerate(ids)}, list(ids.values())
         encoding = tiktoken.Encoding("ivr-segmenter", pat_str=GPT2_PATTERN, mergeable_ranks=ranks, special_tokens={})
         whole = frozenset() if model.get("ignore_merges") else frozenset(list(ids)[256:])
-        return cls(encoding._encode_single_piece, rank_to_id, whole, hf_tokenize)
+        encode = getattr(getattr(encoding, "_core_bpe", None), "encode_single_piece", None)  # skips a Python wrapper
+        return cls(encode or encoding._encode_single_piece, rank_to_id, whole, hf_tokenize)
 
     def __call__(self, piece: bytes) -> list[int]:
         if piece in self._whole_tokens:
