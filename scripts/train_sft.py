@@ -21,6 +21,10 @@ Checkpoints (model, optimizer, scheduler, RNG, step, data position, resolved set
 rerun resumes from the newest one only when the key matches, otherwise it starts fresh. --out gets a
 Hugging Face folder with the tokenizer of --model, train_log.jsonl (step, loss, grad norm, lr, tokens/s)
 and training_stats.json (tokens seen, wall-clock, first loss, held-row checks).
+
+SIGTERM (what Slurm sends at a job's time limit, KillWait seconds before SIGKILL) stops training after the
+current optimizer step with a checkpoint of that step, and the script exits with status 143; the retry
+resumes from there.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ import logging
 import math
 import os
 import shutil
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -629,6 +634,47 @@ def first_loss_warning(loss: float, vocab: int) -> str | None:
             "(wrong tokenizer for this model, shifted twice), or padding counted in the loss")
 
 
+class TrainingStopped(Exception):
+    """Training stopped on SIGTERM; a checkpoint of `step` was saved."""
+
+    def __init__(self, step: int) -> None:
+        super().__init__(f"stopped by SIGTERM after step {step}")
+        self.step = step
+
+
+class StopRequest:
+    """Catches SIGTERM while training runs, so that training can stop after a step with a checkpoint.
+
+    Slurm sends SIGTERM at a job's time limit (and on scancel), then SIGKILL KillWait seconds later
+    (30 s unless the cluster says otherwise): time to finish the step and save it, so a retry loses
+    nothing instead of going back to the last checkpoint_every boundary. Saving is collective, so every
+    process must stop at the same step: with several processes the flag is summed across them only at
+    logged steps (log_every), where the loop waits for the device anyway, so no other step stalls.
+    """
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous = None
+
+    def __enter__(self) -> "StopRequest":
+        self._previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        signal.signal(signal.SIGTERM, self._previous)
+
+    def _handle(self, signum, frame) -> None:
+        self.signum = signum
+
+    def requested(self, accelerator, step: int, log_every: int) -> bool:
+        if accelerator.num_processes == 1:
+            return self.signum is not None
+        if step % log_every:
+            return False
+        flag = torch.tensor(float(self.signum is not None), device=accelerator.device)
+        return accelerator.reduce(flag, "sum").item() > 0
+
+
 @dataclass
 class Progress:
     step: int = 0  # optimizer steps done (global, across stages)
@@ -728,8 +774,9 @@ def optimizer_step(accelerator, prepared: Prepared, batches, accumulate: int, gr
 
 def run_stage(accelerator, stage: Stage, model, dataset: PackedBlocks, stream: np.ndarray, settings: dict,
               checkpoints: Checkpoints, progress: Progress, resume: tuple[Path, dict] | None, num_rows: int,
-              vocab: int, logger) -> Prepared:
-    """Train one stage (resuming inside it when `resume` is one of its checkpoints)."""
+              vocab: int, logger, stop: StopRequest | None = None) -> Prepared:
+    """Train one stage (resuming inside it when `resume` is one of its checkpoints); raises
+    TrainingStopped after saving a checkpoint when `stop` has seen SIGTERM."""
     micro, accumulate = settings["micro_batch_size"], settings["gradient_accumulation"]
     global_batch = micro * accumulate * accelerator.num_processes
     blocks = stream[stage.first_step * global_batch : (stage.first_step + stage.steps) * global_batch]
@@ -801,12 +848,16 @@ def run_stage(accelerator, stage: Stage, model, dataset: PackedBlocks, stream: n
             window_start, window_tokens, window_micro = now, 0, 0
         if last or progress.step % settings["frozen_check_every"] == 0:
             check_held("end" if last else f"step {progress.step}")
-        if last or progress.step % settings["checkpoint_every"] == 0:
+        saved = last or progress.step % settings["checkpoint_every"] == 0
+        stopping = not last and stop is not None and stop.requested(accelerator, progress.step, settings["log_every"])
+        if saved or stopping:
             checkpoints.save({
                 "step": progress.step, "stage": stage.index, "stage_step": stage_step, "tokens": progress.tokens,
                 "elapsed": progress.elapsed + time.perf_counter() - started, "first_loss": progress.first_loss,
                 "checks": progress.checks, "held_digest": guard.digest() if guard else None,
                 "settings": settings, "key": checkpoints.key})
+        if stopping:
+            raise TrainingStopped(progress.step)
     progress.elapsed += time.perf_counter() - started
     return prepared
 
@@ -893,20 +944,26 @@ def train(args: argparse.Namespace) -> None:
                     f"{accelerator.num_processes} process(es), {world['distributed']}, {world['mixed_precision']}")
 
     prepared = None
-    for stage in stages:
-        if resume and resume[1]["stage"] > stage.index:
-            continue
-        weights = None
-        if prepared is not None:  # the previous stage's weights, in full fp32, start this one
-            weights = full_state(accelerator, prepared.loss_model, prepared.originals)
-            prepared = None
-            accelerator.free_memory()
-        with whole_models(accelerator):
-            model = build_stage_model(args.model, stage, settings, args.trust_remote_code, weights)
-        stage_resume = resume if resume and resume[1]["stage"] == stage.index else None
-        prepared = run_stage(accelerator, stage, model, dataset, stream, settings, checkpoints, progress,
-                             stage_resume, num_rows, dataset.meta["vocab_size"], logger)
-        del model  # the prepared wrapper holds it; free it with the wrapper at the next stage
+    with StopRequest() as stop:
+        try:
+            for stage in stages:
+                if resume and resume[1]["stage"] > stage.index:
+                    continue
+                weights = None
+                if prepared is not None:  # the previous stage's weights, in full fp32, start this one
+                    weights = full_state(accelerator, prepared.loss_model, prepared.originals)
+                    prepared = None
+                    accelerator.free_memory()
+                with whole_models(accelerator):
+                    model = build_stage_model(args.model, stage, settings, args.trust_remote_code, weights)
+                stage_resume = resume if resume and resume[1]["stage"] == stage.index else None
+                prepared = run_stage(accelerator, stage, model, dataset, stream, settings, checkpoints, progress,
+                                     stage_resume, num_rows, dataset.meta["vocab_size"], logger, stop)
+                del model  # the prepared wrapper holds it; free it with the wrapper at the next stage
+        except TrainingStopped as stopped:
+            logger.warning(f"SIGTERM: stopped after step {stopped.step} of {total_steps} with a checkpoint in "
+                           f"{checkpoints.root}; a rerun with the same inputs and settings resumes from it")
+            sys.exit(128 + signal.SIGTERM)
     final = full_state(accelerator, prepared.loss_model, prepared.originals)
     if accelerator.is_main_process:
         records = [json.loads(line) for line in checkpoints.log_path.read_text().splitlines()]
