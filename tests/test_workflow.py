@@ -179,3 +179,11 @@ def test_two_clean_runs_give_byte_identical_artefacts(final_model, workdir, tmp_
     for target in ("results/analysis", "results/tokenizer/distilled", "results/remap/remap_rules.yaml",
                    "results/tokenizer/remapped", "results/embeddings", "results/model/initialized"):
         assert tree_digest(workdir / target) == tree_digest(second / target), target
+
+
+def test_changing_the_budget_reruns_selection_and_after_but_not_analysis_or_distillation(final_model, workdir):
+    (workdir / "budget.yaml").write_text("ivr:\n  n_reassign: 250\n")
+    dry = snakemake(workdir, "results/final_model", "-n", configs=("budget.yaml",))
+    planned = jobs_run(dry)
+    assert {"select_candidates", "remap_tokenizer", "reorder_embeddings", "init_model"} <= planned, planned
+    assert not planned & {"ingest_corpus", "analyze_corpus", "distill_tokenizer"}, planned
