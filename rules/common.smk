@@ -10,7 +10,9 @@ from ivr.config import check_input_paths, validate_config  # noqa: E402
 # Config sources, lowest precedence first (--configfile files override the Snakefile's, --config
 # overrides both), so that an error names the one whose value is in effect.
 _cli_configs = [str(f) for f in workflow.overwrite_configfiles]
-_configs = [str(f) for f in workflow.configfiles if str(f) not in _cli_configs] + _cli_configs
+_configs = [
+    str(f) for f in workflow.configfiles if str(f) not in _cli_configs
+] + _cli_configs
 _sources = _configs + [("--config", dict(workflow.config_settings.config or {}))]
 try:
     _source = " + ".join(_configs) or "config"
