@@ -1,7 +1,12 @@
 # Stage 5, fine-tuning: the training split packed into blocks with each branch's tokenizer (ivr: the
 # initialized model's remapped one; control: the base model's), then each model fine-tuned under
 # `accelerate launch`. Resumable state lives in results/checkpoints/, which no rule declares, so a
-# failed or killed job keeps it and the rerun resumes.
+# failed or killed job keeps it and the rerun resumes. On a cluster the training job's resources
+# (runtime growing with the attempt) come from profiles/slurm/config.yaml; at its time limit Slurm sends
+# SIGTERM to every process of the job, train_sft.py checkpoints the step it reached, and Snakemake's
+# retry resumes from it. The shell and the launcher ignore that SIGTERM (`trap '' TERM`, inherited by
+# accelerate's launcher): had they died at once, the job would end and Slurm would SIGKILL the training
+# before its checkpoint is written; this way it has KillWait (30 s by default) to write it.
 
 
 rule pack_data:
@@ -58,7 +63,7 @@ rule train_sft:
         checkpoints="results/checkpoints/{trained}",
         trust="--trust-remote-code" if config["trust_remote_code"] else "",
     shell:
-        "accelerate launch --config_file {params.accelerate:q} --num_processes {params.processes}"
+        "trap '' TERM; accelerate launch --config_file {params.accelerate:q} --num_processes {params.processes}"
         " --num_machines 1 --num_cpu_threads_per_process {threads}"
         " {params.script:q} --model {params.model:q} --data {params.data:q} {params.rules}"
         " --budget-from {input.budget:q} --settings {params.settings:q} --threads {threads}"
