@@ -5,6 +5,9 @@
 # Needs root and the Debian packages slurmctld slurmd slurm-client munge (setup.sh installs them
 # with IVR_SETUP_TEST_TOOLS=1). The configuration must live at /etc/slurm/slurm.conf: the jobstep
 # plugin drops SLURM_CONF before its inner srun.
+# Time limits (test_slurm.py kills a training job at one): slurmctld checks them about every 30 s, sends
+# SIGTERM when a job is past its limit (OverTimeLimit=0) and SIGKILL KillWait=30 s later; MinJobAge keeps
+# finished jobs in scontrol for an hour, so a test can read each attempt's TimeLimit and JobState.
 set -euo pipefail
 STATE=${IVR_SLURM_STATE:-/tmp/ivr-slurm}
 CONF=/etc/slurm/slurm.conf
@@ -13,6 +16,11 @@ MARK="# written by ivr tests/slurm/cluster.sh"
 start() {
   if [[ -f $CONF ]] && ! grep -q "$MARK" "$CONF"; then
     echo "cluster.sh: $CONF exists and is not ours; refusing to overwrite it" >&2
+    exit 1
+  fi
+  if [[ -s $STATE/slurmctld.pid ]] && kill -0 "$(cat "$STATE/slurmctld.pid")" 2>/dev/null; then
+    echo "cluster.sh: a test cluster is already running (slurmctld $(cat "$STATE/slurmctld.pid")):" \
+      "another test run is using it; wait for it, or stop it with: $0 stop" >&2
     exit 1
   fi
   mkdir -p "$STATE"/{state,spool,log} /etc/slurm /run/munge
@@ -37,7 +45,9 @@ SelectType=select/cons_tres
 SelectTypeParameters=CR_Core_Memory
 DefMemPerCPU=500
 ReturnToService=2
-MinJobAge=300
+MinJobAge=3600
+KillWait=30
+OverTimeLimit=0
 StateSaveLocation=$STATE/state
 SlurmdSpoolDir=$STATE/spool
 SlurmctldPidFile=$STATE/slurmctld.pid
