@@ -563,7 +563,6 @@ def main(argv: list[str] | None = None) -> None:
     for name, path in splits.items():
         if not path.exists():
             raise UserError(f"{path}: {name} split does not exist")
-    args.out_dir.mkdir(parents=True, exist_ok=True)
     analyze(args.tokenizer, splits, args.out_dir, args.threads, args.exact_pretokenizer, trust_remote_code=args.trust_remote_code)
 
 
