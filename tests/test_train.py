@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import math
 import os
 import signal
@@ -278,6 +279,28 @@ def test_resume_after_sigkill_ends_at_the_same_step_with_the_same_weights(tmp_pa
     # the loss log matches too, except the one window cut by the kill (it averages fewer steps)
     differ = [json.loads(a)["step"] for a, b in zip(ref_log, new_log) if json.loads(a)["loss"] != json.loads(b)["loss"]]
     assert len(differ) <= 1
+
+
+def test_sigterm_checkpoints_the_step_and_the_rerun_resumes_there_with_the_same_weights(tmp_path, tiny_gpt2_dir,
+                                                                                       packed, rules_file,
+                                                                                       reference):
+    """What a cluster's time limit does: SIGTERM, then a rerun."""
+    command = train_command(tiny_gpt2_dir, packed, tmp_path / "out", tmp_path / "ck", rules_file)
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and process.poll() is None and not list((tmp_path / "ck").glob("step-*")):
+        time.sleep(0.02)
+    process.send_signal(signal.SIGTERM)
+    stderr = process.communicate(timeout=120)[1]
+    assert process.returncode == 143, stderr[-2000:]
+    stopped = re.search(r"SIGTERM: stopped after step (\d+) of", stderr)
+    assert stopped, stderr[-2000:]
+    assert not (tmp_path / "out").exists()
+    log = run(command)
+    assert f"step {stopped.group(1)} of" in re.search(r"resuming from .*", log).group(0)
+    a, b = weights(reference), weights(tmp_path / "out")
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
 
 
 def test_a_changed_setting_starts_fresh_instead_of_resuming(tmp_path, tiny_gpt2_dir, packed, rules_file):
