@@ -25,6 +25,7 @@ import os
 import re
 import sys
 import threading
+from collections import deque
 from collections.abc import Iterator
 from itertools import chain, count, islice
 from pathlib import Path
@@ -274,12 +275,6 @@ class Ragged:
                                  minlength=len(self.lens)).astype(np.int64)
         return Ragged(token_lens, inner.expand(self.flat))
 
-    @staticmethod
-    def concatenate(parts: list[Ragged]) -> Ragged:
-        if not parts:
-            return Ragged(np.zeros(0, np.int64), np.zeros(0, np.int64))
-        return Ragged(np.concatenate([p.lens for p in parts]), np.concatenate([p.flat for p in parts]))
-
 
 class UnitTable:
     """Distinct units and pre-tokens, numbered in order of first sight, with their segmentations;
@@ -385,22 +380,25 @@ def analyze(
     chunk_bytes: int = 1 << 20,
     trust_remote_code: bool = False,
 ) -> dict:
-    """Analyze the splits (keys: train, heldout, general_train, general_heldout) into out_dir."""
+    """Analyze the splits (keys: train, heldout, general_train, general_heldout) into out_dir.
+
+    threads is accepted for callers; the work uses this process and one helper process.
+    """
     spec = load_tokenizer_json(tokenizer, trust_remote_code)
     check_byte_level_bpe(spec, tokenizer)
     threading.Thread(target=_import_pyarrow, daemon=True).start()  # needed at the end; load it meanwhile
     try:
-        return _analyze(spec, splits, out_dir, threads, exact, chunk_bytes, use_ranks=True)
+        return _analyze(spec, splits, out_dir, exact, chunk_bytes, use_ranks=True)
     except RankMismatch:
         log.warning("tiktoken's merger disagreed with the tokenizer on sampled pre-tokens; analysing again with the tokenizer")
-        return _analyze(spec, splits, out_dir, threads, exact, chunk_bytes, use_ranks=False)
+        return _analyze(spec, splits, out_dir, exact, chunk_bytes, use_ranks=False)
 
 
 def _import_pyarrow() -> None:
     import pyarrow.parquet  # noqa: F401
 
 
-def _analyze(spec: dict, splits: dict[str, Path], out_dir: Path, threads: int, exact: bool, chunk_bytes: int,
+def _analyze(spec: dict, splits: dict[str, Path], out_dir: Path, exact: bool, chunk_bytes: int,
              use_ranks: bool) -> dict:
     spec_json = json.dumps(spec)
     from tokenizers import Tokenizer
@@ -422,17 +420,15 @@ def _analyze(spec: dict, splits: dict[str, Path], out_dir: Path, threads: int, e
         _worker_init(spec_json, exact, use_ranks=False)  # this process cuts and numbers units; the pool's resolves them
         bin_path, offsets_path, meta_path, freq_path, pretokens_path, stats_path = paths
         sample: list[tuple[int, list[int]]] = []
-        asked: list = []  # AsyncResults of _resolve_units, in order
+        asked: deque = deque()  # AsyncResults of _resolve_units not yet taken, in order
         with open(bin_path, "wb") as bin_handle:
             writer = IdWriter(bin_handle, dtype)
 
             def take_answers(wait: bool) -> None:
-                while len(asked) > table_answers[0] and (wait or asked[table_answers[0]].ready()):
-                    table.add(asked[table_answers[0]].get())
-                    table_answers[0] += 1
+                while asked and (wait or asked[0].ready()):
+                    table.add(asked.popleft().get())
                 writer.write_ready(table)
 
-            table_answers = [0]
             for name, path in splits.items():
                 keep = name == "train"
                 n_docs = n_bytes = 0
