@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-from array import array
 import json
 import multiprocessing as mp
 import os
@@ -27,7 +26,8 @@ import sys
 import threading
 from collections import deque
 from collections.abc import Iterator
-from itertools import chain, count, islice
+from concurrent.futures import ThreadPoolExecutor
+from itertools import islice
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +38,9 @@ from ivr.cli import UserError, atomic_outputs, log, progress, run_main  # noqa: 
 from ivr.tokenization import (  # noqa: E402
     RankSegmenter,
     bytes_to_bytelevel,
+    hash_strings,
+    interleave,
+    ragged,
     check_byte_level_bpe,
     compile_pretokenizer,
     load_tokenizer_json,
@@ -74,20 +77,73 @@ class Growing:
         self.data[: len(values)] += values
 
 
+class Ragged:
+    """Rows of ids of varying length, stored flat: row r is flat[starts[r] : starts[r] + lens[r]]."""
+
+    def __init__(self, lens: np.ndarray, flat: np.ndarray, starts: np.ndarray | None = None) -> None:
+        self.lens, self.flat = lens, flat
+        self.starts = np.cumsum(lens) - lens if starts is None else starts
+
+    def expand(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The concatenated ids of a sequence of rows, and where each row's ids end."""
+        lens = self.lens[rows]
+        ends = np.cumsum(lens)
+        filled = np.flatnonzero(lens)
+        if not len(filled):
+            return self.flat[:0], ends
+        # Positions in flat as a running sum: +1 within a row, a jump to the row's start at each row's first id.
+        starts, lens = self.starts[rows[filled]], lens[filled]
+        positions = np.ones(int(ends[-1]), np.int64)
+        positions[ends[filled] - lens] = starts - np.concatenate([[0], starts[:-1] + lens[:-1]]) + 1
+        positions[0] = starts[0]
+        np.cumsum(positions, out=positions)
+        return self.flat[positions], ends
+
+    def compose(self, inner: Ragged) -> Ragged:
+        """Rows of inner's ids: each row's ids are inner's rows named by this row's ids."""
+        ids, ends = inner.expand(self.flat)
+        row_ends = np.concatenate([[0], ends])[np.cumsum(self.lens)]
+        return Ragged(np.diff(row_ends, prepend=0), ids)
+
+
+class GrowingRagged:
+    """A Ragged that grows by appending rows."""
+
+    def __init__(self, dtype=np.int64) -> None:
+        self.lens, self.starts, self.flat = Growing(), Growing(), Growing(dtype)
+
+    def append(self, lens: np.ndarray, flat: np.ndarray) -> None:
+        self.starts.extend(self.flat.size + np.cumsum(lens) - lens)
+        self.lens.extend(lens)
+        self.flat.extend(flat)
+
+    def view(self) -> Ragged:
+        return Ragged(self.lens.view(), self.flat.view(), self.starts.view())
+
+
+def ids_dtype(vocab_size: int):
+    return np.uint16 if vocab_size <= 1 << 16 else np.uint32
+
+
 # ---- worker side -------------------------------------------------------------------------
-# Phase 1 (parallel): cut documents into units and give each distinct unit a worker-local index.
-# A unit is a space-separated word with its leading space (the pre-tokenizers we speed up never let
-# a pre-token cross such a space, see splits_at_single_spaces), or one pre-token where that does
-# not hold. Phase 2 (parallel): the distinct units, split among the workers, are pre-tokenized once
-# and their pre-tokens segmented with the base BPE. Phase 3: the training split's unit sequence is
-# expanded into token ids while the tables are written. Counting by unit is exact and much cheaper
-# than encoding every document.
+# Cutting (this process): documents become units, numbered on first sight. A unit is a
+# space-separated word with its leading space (the pre-tokenizers we speed up never let a pre-token
+# cross such a space, see splits_at_single_spaces), or one pre-token where that does not hold. The
+# cut is vectorized (pyarrow splits and hashes each chunk; Python only meets each chunk's distinct
+# words). Resolving (one helper process, meanwhile): the new units are pre-tokenized once, most of
+# them in one regex pass over them all joined, and their new pre-tokens segmented with the base BPE
+# in one tiktoken call. The training split's unit sequence is expanded into token ids as answers
+# arrive. Counting by unit is exact and much cheaper than encoding every document.
 
 SPECIAL = "\x00"  # unit kinds, as the first character of a unit's key: an added token met in the text,
 WORD = "\x01"  # a word that followed a single space (its pre-tokens are those of " " + word),
 WHOLE = "\x02"  # text before the first space (pre-tokenized as it is),
 PIECE = "\x03"  # one pre-token, kept verbatim
 _SPACE_IN_WHITESPACE = re.compile(r" (?<=\s )(?:\s|\Z)")  # a space with whitespace (or the end) on both sides
+# The same test in RE2 syntax for pyarrow, with Python's \s spelled out (RE2's \s is ASCII only).
+_WHITESPACE_RE2 = "".join(f"\\x{{{c:x}}}" for c in range(0x110000) if chr(c).isspace())
+_SPACE_IN_WHITESPACE_RE2 = f"[{_WHITESPACE_RE2}] (?:[{_WHITESPACE_RE2}]|$)"
+_WORD_NOT_SPACE_FIRST_RE2 = f"^\\x{{{ord(WORD):x}}}[^{_WHITESPACE_RE2}]"  # a unit key of a WORD that starts with non-whitespace
 
 VERIFY_EVERY = 32  # every n-th distinct pre-token segmented by ranks is checked against the HF model
 GUARD_EVERY = 256  # every n-th training document is encoded by the tokenizer itself and compared
@@ -98,40 +154,102 @@ class RankMismatch(Exception):
     """tiktoken's merger disagreed with the tokenizer on a sampled pre-token."""
 
 
-class _Numbering(dict):
-    """Key -> worker-local unit index, numbered on first sight; new keys are noted with their kind."""
+class StringNumbering:
+    """Numbers strings on first sight, many at a time without a Python object per string: the strings
+    seen are kept as a pyarrow array with their numbers and sorted 64-bit hashes. A lookup is a
+    binary search by hash checked against the string itself; the rare strings whose hash is taken by
+    another string are numbered through a dict instead. The counter is shared with other numberings
+    (`total`), and new strings are noted, with a prefix, in a shared list."""
 
-    def __init__(self, kind: str, counter, new: list[str]) -> None:
-        super().__init__()
-        self.kind, self.counter, self.new = kind, counter, new
+    def __init__(self, prefix: str, new: list[str], total: list[int]) -> None:
+        import pyarrow as pa
 
-    def __missing__(self, key: str) -> int:
-        value = self[key] = self.counter()
-        self.new.append(self.kind + key)
-        return value
+        self.prefix, self.new, self.total = prefix, new, total
+        self.hashes = np.zeros(0, np.uint64)  # sorted
+        self.slots = np.zeros(0, np.int64)  # the slot in `strings` of each sorted hash
+        self.strings = pa.array([], pa.string())
+        self.numbers = np.zeros(0, np.int64)  # by slot
+        self.clashing: dict[str, int] = {}
+
+    def number(self, texts) -> np.ndarray:
+        """Numbers of the strings of a pyarrow string array (repeats allowed)."""
+        import pyarrow.compute as pc
+
+        encoded = pc.dictionary_encode(texts)
+        return self._number_distinct(encoded.dictionary)[encoded.indices.to_numpy()]
+
+    def _number_distinct(self, texts) -> np.ndarray:
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        hashes = hash_strings(texts)
+        numbers = np.full(len(texts), -1, np.int64)
+        at = np.minimum(np.searchsorted(self.hashes, hashes), max(len(self.hashes) - 1, 0))
+        hit = np.flatnonzero(self.hashes[at] == hashes) if len(self.hashes) else np.zeros(0, np.int64)
+        slot = self.slots[at[hit]]
+        same = pc.equal(self.strings.take(pa.array(slot)), texts.take(pa.array(hit))).to_numpy(zero_copy_only=False)
+        numbers[hit[same]] = self.numbers[slot[same]]
+        fresh = np.ones(len(texts), bool)
+        fresh[hit] = False
+        fresh = np.flatnonzero(fresh)
+        order = np.argsort(hashes[fresh], kind="stable")
+        repeated = np.zeros(len(fresh), bool)  # a hash already given to an earlier fresh string
+        repeated[order[1:]] = hashes[fresh][order[1:]] == hashes[fresh][order[:-1]]
+        clashing = np.concatenate([hit[~same], fresh[repeated]])
+        fresh = fresh[~repeated]
+        numbers[fresh] = self._add(texts.take(pa.array(fresh)), hashes[fresh])
+        if len(clashing):
+            for i, text in zip(clashing.tolist(), texts.take(pa.array(clashing)).to_pylist()):
+                if text not in self.clashing:
+                    self.clashing[text] = self._next(1)
+                    self.new.append(self.prefix + text)
+                numbers[i] = self.clashing[text]
+        return numbers
+
+    def _next(self, count: int) -> int:
+        first = self.total[0]
+        self.total[0] += count
+        return first
+
+    def _add(self, texts, hashes: np.ndarray) -> np.ndarray:
+        import pyarrow as pa
+
+        numbers = np.arange(self._next(len(texts)), self.total[0])
+        order = np.argsort(hashes)
+        at = np.searchsorted(self.hashes, hashes[order])
+        self.hashes = np.insert(self.hashes, at, hashes[order])
+        self.slots = np.insert(self.slots, at, len(self.strings) + order)
+        self.strings = pa.concat_arrays([self.strings, texts])
+        self.numbers = np.concatenate([self.numbers, numbers])
+        listed = texts.to_pylist()
+        self.new.extend([self.prefix + text for text in listed] if self.prefix else listed)
+        return numbers
 
 
-def _worker_init(spec_json: str, exact: bool, use_ranks: bool) -> None:
-    from tokenizers import Tokenizer
-
+def _worker_init(spec: dict, tok, exact: bool, use_ranks: bool) -> None:
+    """State of this process or of the helper (which inherits spec and tok through fork)."""
     gc.disable()  # millions of new strings and lists, no reference cycles: the collector only costs time
     import regex
 
-    spec = json.loads(spec_json)
-    tok = Tokenizer.from_str(spec_json)
     _W["tok"] = tok
     _W["normalize"] = tok.normalizer.normalize_str if tok.normalizer else None
     _W["pretokenize"] = _pretokenizer(spec, tok, exact)
     _W["by_word"] = not exact and splits_at_single_spaces(spec)
-    added = {t["content"]: t["id"] for t in spec.get("added_tokens", [])}
+    added = {t["content"]: t["id"] for t in spec.get("added_tokens", []) if t["content"]}
     _W["added"] = added
     _W["added_re"] = regex.compile("(" + "|".join(map(regex.escape, sorted(added, key=len, reverse=True))) + ")")
-    _W["segment"] = (RankSegmenter.build(spec, _hf_segment) if use_ranks and not exact else None) or _hf_segment
-    _W["pieces"] = {}
+    literal = ("".join(f"\\x{{{ord(c):x}}}" for c in token) for token in added)
+    _W["not_by_word_re2"] = "|".join([_SPACE_IN_WHITESPACE_RE2, *literal])  # documents cut in Python instead
+    _W["segmenter"] = RankSegmenter.build(spec, _hf_segment) if use_ranks and not exact else None
     new: list[str] = []
-    counter = count().__next__
     _W["new"] = new
-    _W["units"] = {kind: _Numbering(kind, counter, new) for kind in (SPECIAL, WORD, WHOLE, PIECE)}
+    units_seen = [0]
+    _W["units"] = {kind: StringNumbering(kind, new, units_seen) for kind in (SPECIAL, WORD, WHOLE, PIECE)}
+    _W["new_pieces"] = []
+    _W["piece_tokens"] = GrowingRagged()  # piece number -> its base ids
+    _W["unit_tokens"] = GrowingRagged(ids_dtype(tok.get_vocab_size(with_added_tokens=True)))  # unit -> ids
+    _W["pieces"] = StringNumbering("", _W["new_pieces"], [0])
+    _W["writer"], _W["writes"] = ThreadPoolExecutor(1), []
 
 
 def _pretokenizer(spec: dict, tok, exact: bool):
@@ -150,212 +268,261 @@ def _hf_segment(piece: bytes) -> list[int]:
     return [t.id for t in _W["tok"].model.tokenize(bytes_to_bytelevel(piece))]
 
 
-def _add_units(part: str, out: list[int]) -> None:
-    units = _W["units"]
+def _add_units(part: str, out: list[str]) -> None:
     if _W["by_word"] and _SPACE_IN_WHITESPACE.search(part) is None:
         words = part.split(" ")
         if words[0]:
-            out.append(units[WHOLE][words[0]])
-        out.extend(map(units[WORD].__getitem__, islice(words, 1, None)))
+            out.append(WHOLE + words[0])
+        out.extend(WORD + word for word in islice(words, 1, None))
     else:
-        out.extend(map(units[PIECE].__getitem__, _W["pretokenize"](part)))
+        out.extend(PIECE + piece for piece in _W["pretokenize"](part))
 
 
-def _add_units_of(text: str, out: list[int]) -> None:
-    if _W["normalize"]:
-        text = _W["normalize"](text)
+def _add_units_of(text: str, out: list[str]) -> None:
+    """Unit keys (kind + text) of one (normalized) document, cut in Python."""
     if not any(a in text for a in _W["added"]):
         _add_units(text, out)
         return
     for i, part in enumerate(_W["added_re"].split(text)):
         if i % 2:
-            out.append(_W["units"][SPECIAL][part])
+            out.append(SPECIAL + part)
         elif part:
             _add_units(part, out)
 
 
-def _index_chunk(task: tuple[str, int, int, bool]) -> dict:
-    """Phase 1: units of a chunk of JSON lines as worker-local indices (or their counts), the units new
-    to this worker, and the tokenizer's own ids of every GUARD_EVERY-th line of the chunk."""
-    path, start, end, keep_sequence = task
+def _number_keys(keys: list[str]) -> np.ndarray:
+    """Unit numbers of unit keys (kind + text)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    keys_array = pa.array(keys, pa.string())
+    kinds = pc.utf8_slice_codeunits(keys_array, 0, 1)
+    texts = pc.utf8_slice_codeunits(keys_array, 1)
+    numbers = np.zeros(len(keys), np.int64)
+    for kind, numbering in _W["units"].items():
+        where = pc.equal(kinds, kind)
+        if pc.any(where).as_py():
+            numbers[np.flatnonzero(where.to_numpy(zero_copy_only=False))] = numbering.number(texts.filter(where))
+    return numbers
+
+
+def _units_by_word(docs) -> tuple[np.ndarray, np.ndarray]:
+    """Units of documents with no added token and no space inside whitespace, vectorized: the first
+    word of each document is a WHOLE unit (none if empty), every later word a WORD unit. Returns
+    (units per document, unit numbers back to back)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    words = pc.split_pattern(docs, " ")
+    offsets = words.offsets.to_numpy()
+    offsets = offsets - offsets[0]
+    firsts = offsets[:-1]  # every document has at least one (maybe empty) word
+    flat = pc.list_flatten(words)
+    encoded = pc.dictionary_encode(flat)
+    word_of = encoded.indices.to_numpy()
+    later = np.ones(len(flat), bool)
+    later[firsts] = False
+    used = np.flatnonzero(np.bincount(word_of[later], minlength=len(encoded.dictionary)))  # not only first
+    numbers_of_used = _W["units"][WORD]._number_distinct(encoded.dictionary.take(pa.array(used)))
+    numbers = np.full(len(encoded.dictionary), -1, np.int64)
+    numbers[used] = numbers_of_used
+    numbers = numbers[word_of]
+    first_words = pc.dictionary_encode(flat.take(pa.array(firsts)))
+    numbers[firsts] = _W["units"][WHOLE]._number_distinct(first_words.dictionary)[first_words.indices.to_numpy()]
+    empty_first = (pc.binary_length(first_words.dictionary).to_numpy() == 0)[first_words.indices.to_numpy()]
+    if empty_first.any():
+        numbers = np.delete(numbers, firsts[empty_first])
+    return np.diff(offsets) - empty_first, numbers
+
+
+def _read_texts(path: str, start: int, end: int):
+    """The "text" of each JSON line in a byte range, as a pyarrow string array."""
+    import pyarrow as pa
+    import pyarrow.json as pj
+
     with open(path, "rb") as handle:
         handle.seek(start)
-        lines = handle.read(end - start).decode("utf-8").split("\n")
-    if lines and not lines[-1]:
-        lines.pop()
+        data = handle.read(end - start)
+    if not data:
+        return pa.array([], pa.string())
+    ends = np.flatnonzero(np.frombuffer(data, np.uint8) == 10)
+    longest = int(np.diff(ends, prepend=-1).max(initial=0)) if len(ends) else len(data)
+    table = pj.read_json(
+        pa.py_buffer(data),
+        read_options=pj.ReadOptions(block_size=max(1 << 20, longest + 2)),
+        parse_options=pj.ParseOptions(explicit_schema=pa.schema([("text", pa.string())]),
+                                      unexpected_field_behavior="ignore"),
+    )
+    return table.column("text").combine_chunks()
+
+
+def _index_chunk(task: tuple[str, int, int, bool]) -> dict:
+    """Units of a chunk of JSON lines as unit numbers (or their counts), the units new to this
+    process, and the tokenizer's own ids of every GUARD_EVERY-th line of the chunk."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    path, start, end, keep_sequence = task
     new = _W["new"]
     new.clear()
-    occurrences: list[int] = []
-    doc_units = np.zeros(len(lines), dtype=np.int64)
-    sample: list[tuple[int, list[int]]] = []
-    n_bytes = 0
-    for i, line in enumerate(lines):
-        doc = json.loads(line)["text"]
-        before = len(occurrences)
-        _add_units_of(doc, occurrences)
-        doc_units[i] = len(occurrences) - before
-        n_bytes += len(doc.encode("utf-8"))
-        if keep_sequence and i % GUARD_EVERY == 0:
-            sample.append((i, _W["tok"].encode(doc, add_special_tokens=False).ids))
-    local = np.frombuffer(array("l", occurrences), dtype=np.int64)
-    known = sum(map(len, _W["units"].values()))
+    docs = _read_texts(path, start, end)
+    if _W["normalize"]:
+        docs = pa.array(map(_W["normalize"], docs.to_pylist()), pa.string())
+    n_docs = len(docs)
+    if _W["by_word"]:
+        in_python = pc.match_substring_regex(docs, _W["not_by_word_re2"]).to_numpy(zero_copy_only=False)
+    else:
+        in_python = np.ones(n_docs, bool)
+    sources = []
+    by_word = np.flatnonzero(~in_python)
+    if len(by_word):
+        sources.append((by_word, _units_by_word(docs.take(pa.array(by_word)) if len(by_word) < n_docs else docs)))
+    elsewise = np.flatnonzero(in_python)
+    if len(elsewise):
+        rows: list[list[str]] = []
+        for text in docs.take(pa.array(elsewise)).to_pylist():
+            rows.append([])
+            _add_units_of(text, rows[-1])
+        lens = np.fromiter(map(len, rows), np.int64, count=len(rows))
+        sources.append((elsewise, (lens, _number_keys([key for row in rows for key in row]))))
+    doc_units, local = interleave(sources, n_docs)
+    sample = [(i, _W["tok"].encode(docs[i].as_py(), add_special_tokens=False).ids)
+              for i in range(0, n_docs, GUARD_EVERY)] if keep_sequence else []
+    known = _W["units"][WORD].total[0]
     return {
         "units": list(new),
         "payload": local if keep_sequence else np.bincount(local, minlength=known),
         "doc_units": doc_units,
-        "bytes": n_bytes,
+        "bytes": int(pc.sum(pc.binary_length(docs)).as_py() or 0),
         "sample": sample,
     }
 
 
-def _resolve_units(keys: list[str]) -> dict:
-    """Phase 2: pre-tokens of new units, each pre-token new to this process segmented once. Returns
-    unit -> piece numbers (numbered in order of first sight, across calls) and the new pieces with
-    their segmentations."""
-    pretokenize, segment, added = _W["pretokenize"], _W["segment"], _W["added"]
-    pieces: dict[str, int] = _W["pieces"]
-    first_new = len(pieces)
-    piece_segs: list[list[int]] = []
-    unit_pieces: list[list[int]] = []
-    mismatches = 0
-    for key in keys:
-        kind, text = key[0], key[1:]
-        if kind == WORD:  # a word of letters after a space is one pre-token for every pattern we cut by words
-            parts = [" " + text] if text.isalpha() else pretokenize(" " + text)
+def _resolve_units(keys: list[str], sequence: tuple[str, np.ndarray, np.ndarray] | None = None) -> dict:
+    """Pre-tokens of new units, each pre-token new to this process segmented once. Returns
+    unit -> piece numbers (numbered in order of first sight, across calls), the new pieces with
+    their segmentations, and each new unit's number of ids. With a sequence (ids file, unit numbers,
+    units per document), also appends that sequence's ids to the file and returns each document's
+    number of ids."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    pretokenize, pieces, new_pieces = _W["pretokenize"], _W["pieces"], _W["new_pieces"]
+    new_pieces.clear()
+    # Words with something other than whitespace first can be joined by single spaces and
+    # pre-tokenized in one pass: no pre-token crosses such a space (splits_at_single_spaces).
+    key_array = pa.array(keys, pa.string())
+    joinable = pc.match_substring_regex(key_array, _WORD_NOT_SPACE_FIRST_RE2).to_numpy(zero_copy_only=False)
+    sources = []
+    if joinable.any():
+        words = pc.utf8_slice_codeunits(key_array.filter(pa.array(joinable)), 1)
+        parts = pretokenize(" " + " ".join(words.to_pylist()))
+        part_ends = np.cumsum(np.fromiter(map(len, parts), np.int64, count=len(parts)))
+        word_ends = np.cumsum(pc.utf8_length(words).to_numpy().astype(np.int64) + 1)
+        last_part = np.searchsorted(part_ends, word_ends)
+        if not np.array_equal(part_ends[np.minimum(last_part, len(parts) - 1)], word_ends):
+            raise RuntimeError("a pre-token crossed a single space between words")
+        parts_per_word = np.diff(last_part, prepend=-1)
+        numbers = pieces.number(pa.array(parts, pa.string()))
+        sources.append((np.flatnonzero(joinable), (parts_per_word, numbers)))
+    rest = np.flatnonzero(~joinable)
+    rows = []
+    for i in rest.tolist():
+        kind, text = keys[i][0], keys[i][1:]
+        if kind == WORD:
+            rows.append(pretokenize(" " + text))
         elif kind == WHOLE:
-            parts = pretokenize(text)
+            rows.append(pretokenize(text))
         elif kind == PIECE:
-            parts = [text]
+            rows.append([text])
         else:
-            parts = [key]  # an added token: one piece, SPECIAL-prefixed
-        numbers = []
-        for part in parts:
-            number = pieces.get(part)
-            if number is None:
-                number = pieces[part] = len(pieces)
-                if part.startswith(SPECIAL):
-                    piece_segs.append([added[part[1:]]])
-                else:
-                    data = part.encode("utf-8", "surrogateescape")
-                    seg = segment(data)
-                    if segment is not _hf_segment and number % VERIFY_EVERY == 0 and seg != _hf_segment(data):
-                        mismatches += 1
-                    piece_segs.append(seg)
-            numbers.append(number)
-        unit_pieces.append(numbers)
-    return {"pieces": list(islice(pieces, first_new, None)), "segs": Ragged(*_ragged(piece_segs)),
-            "unit_pieces": Ragged(*_ragged(unit_pieces)), "mismatches": mismatches}
+            rows.append([keys[i]])  # an added token: one piece, SPECIAL-prefixed
+    if len(rest):
+        lens = np.fromiter(map(len, rows), np.int64, count=len(rows))
+        sources.append((rest, (lens, pieces.number(pa.array([p for row in rows for p in row], pa.string())))))
+    unit_pieces = interleave(sources, len(keys))
+    segs, mismatches = _segment(new_pieces, pieces.total[0] - len(new_pieces))
+    _W["piece_tokens"].append(*segs)
+    unit_tokens = Ragged(*unit_pieces).compose(_W["piece_tokens"].view())
+    _W["unit_tokens"].append(unit_tokens.lens, unit_tokens.flat)
+    answer = {"pieces": pa.array(new_pieces, pa.string()), "segs": Ragged(*segs), "unit_pieces": Ragged(*unit_pieces),
+              "unit_token_lens": unit_tokens.lens, "mismatches": mismatches}
+    if sequence is not None:
+        path, units, doc_units = sequence
+        table = _W["unit_tokens"].view()
+        doc_ends = np.concatenate([[0], np.cumsum(table.lens[units])])[np.cumsum(doc_units)]
+        answer["doc_tokens"] = np.diff(doc_ends, prepend=0)
+        # Written by a thread (numpy and file writes release the GIL), in order, while the next units resolve.
+        _W["writes"].append(_W["writer"].submit(_write_ids, path, table, units))
+    return answer
 
 
-def _ragged(rows: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
-    lens = np.fromiter(map(len, rows), dtype=np.int64, count=len(rows))
-    return lens, np.fromiter(chain.from_iterable(rows), dtype=np.int64, count=int(lens.sum()))
+def _write_ids(path: str, table: Ragged, units: np.ndarray) -> None:
+    ids, _ = table.expand(units)
+    with open(path, "ab") as handle:
+        handle.write(memoryview(ids))
+
+
+def _writes_done() -> None:
+    """Wait for the ids written in the background (raising what failed there)."""
+    while _W["writes"]:
+        _W["writes"].pop(0).result()
+
+
+def _segment(new_pieces: list[str], first_number: int) -> tuple[tuple[np.ndarray, np.ndarray], int]:
+    """Base segmentations of new pre-tokens (numbered from first_number), and how many of the
+    sampled ones tiktoken's merger got wrong."""
+    added, segmenter = _W["added"], _W["segmenter"]
+    special = [i for i, p in enumerate(new_pieces) if p.startswith(SPECIAL)]
+    plain = np.flatnonzero(~np.isin(np.arange(len(new_pieces)), special)) if special else None
+    plain_pieces = [new_pieces[i] for i in plain] if special else new_pieces
+    if segmenter is None:
+        segs = ragged([_hf_segment(p.encode("utf-8", "surrogateescape")) for p in plain_pieces])
+    else:
+        segs = segmenter.many(plain_pieces)
+    if special:
+        specials = ragged([[added[new_pieces[i][1:]]] for i in special])
+        segs = interleave([(plain, segs), (np.array(special), specials)], len(new_pieces))
+    mismatches = 0
+    if segmenter is not None:
+        lens, flat = segs
+        starts = np.cumsum(lens) - lens
+        for i in range(-first_number % VERIFY_EVERY, len(new_pieces), VERIFY_EVERY):
+            if not new_pieces[i].startswith(SPECIAL):
+                expected = _hf_segment(new_pieces[i].encode("utf-8", "surrogateescape"))
+                mismatches += flat[starts[i] : starts[i] + lens[i]].tolist() != expected
+    return segs, mismatches
 
 
 # ---- main side -----------------------------------------------------------------------------
 
 
-class Ragged:
-    """Rows of ids of varying length, stored flat: row r is flat[starts[r] : starts[r] + lens[r]]."""
-
-    def __init__(self, lens: np.ndarray, flat: np.ndarray, starts: np.ndarray | None = None) -> None:
-        self.lens, self.flat = lens, flat
-        self.starts = np.cumsum(lens) - lens if starts is None else starts
-
-    def expand(self, rows: np.ndarray) -> np.ndarray:
-        """The concatenated ids of a sequence of rows."""
-        lens = self.lens[rows]
-        offsets = np.cumsum(lens) - lens
-        positions = np.repeat(self.starts[rows] - offsets, lens) + np.arange(int(lens.sum()))
-        return self.flat[positions]
-
-    def compose(self, inner: Ragged) -> Ragged:
-        """Rows of inner's ids: each row's ids are inner's rows named by this row's ids."""
-        token_lens = np.bincount(np.repeat(np.arange(len(self.lens)), self.lens), weights=inner.lens[self.flat],
-                                 minlength=len(self.lens)).astype(np.int64)
-        return Ragged(token_lens, inner.expand(self.flat))
-
-
 class UnitTable:
-    """Distinct units and pre-tokens, numbered in order of first sight, with their segmentations;
-    filled batch by batch as the resolver answers, so token ids can be written while it works."""
+    """Distinct units and pre-tokens, numbered in order of first sight, with their segmentations and
+    each unit's number of ids, filled answer by answer from the resolver."""
 
     def __init__(self) -> None:
-        self.keys: list[str] = []
-        self.piece_keys: list[str] = []
+        self.units = 0
+        self.piece_keys: list = []  # pyarrow string arrays, answer by answer
         self.mismatches = 0
-        self.grown = {name: Growing() for name in (
-            "piece_lens", "piece_starts", "piece_flat", "unit_lens", "unit_starts", "unit_flat", "unit_piece_lens",
-            "unit_piece_flat")}
-        self.pieces: Ragged | None = None  # unit -> piece numbers (after finish)
-        self.piece_tokens: Ragged | None = None  # piece -> token ids (after finish)
-        self.tokens: Ragged | None = None  # unit -> token ids (after finish)
-
-    @property
-    def resolved_units(self) -> int:
-        return self.grown["unit_lens"].size
+        self.piece_tokens = GrowingRagged()  # piece -> token ids
+        self.pieces = GrowingRagged()  # unit -> piece numbers
+        self.token_lens = Growing()  # unit -> number of ids
 
     def add(self, answer: dict) -> None:
         """Append one resolver answer (answers come in the order of the units asked about)."""
-        g = self.grown
         self.mismatches += answer["mismatches"]
-        self.piece_keys += answer["pieces"]
-        segs, by_unit = answer["segs"], answer["unit_pieces"]
-        g["piece_starts"].extend(self._starts("piece_flat", segs.lens))
-        for prefix, part in (("piece", segs), ("unit_piece", by_unit)):
-            g[f"{prefix}_lens"].extend(part.lens)
-            g[f"{prefix}_flat"].extend(part.flat)
-        pieces = Ragged(g["piece_lens"].view(), g["piece_flat"].view(), g["piece_starts"].view())
-        tokens = by_unit.compose(pieces)
-        g["unit_starts"].extend(self._starts("unit_flat", tokens.lens))
-        g["unit_lens"].extend(tokens.lens)
-        g["unit_flat"].extend(tokens.flat)
-
-    def _starts(self, flat: str, lens: np.ndarray) -> np.ndarray:
-        return self.grown[flat].size + np.cumsum(lens) - lens
-
-    def unit_tokens(self) -> Ragged:
-        g = self.grown
-        return Ragged(g["unit_lens"].view(), g["unit_flat"].view(), g["unit_starts"].view())
-
-    def finish(self) -> None:
-        if self.mismatches:
-            raise RankMismatch
-        g = self.grown
-        self.piece_tokens = Ragged(g["piece_lens"].view(), g["piece_flat"].view())
-        self.pieces = Ragged(g["unit_piece_lens"].view(), g["unit_piece_flat"].view())
-        self.tokens = self.unit_tokens()
+        self.piece_keys.append(answer["pieces"])
+        self.piece_tokens.append(answer["segs"].lens, answer["segs"].flat)
+        self.pieces.append(answer["unit_pieces"].lens, answer["unit_pieces"].flat)
+        self.token_lens.extend(answer["unit_token_lens"])
 
     def piece_counts(self, unit_counts: np.ndarray) -> np.ndarray:
-        full = np.zeros(len(self.keys), dtype=np.int64)
+        pieces = self.pieces.view()
+        full = np.zeros(len(pieces.lens), dtype=np.int64)
         full[: len(unit_counts)] = unit_counts
-        weights = np.repeat(full, self.pieces.lens)
-        return np.bincount(self.pieces.flat, weights=weights, minlength=len(self.piece_keys)).astype(np.int64)
-
-
-class IdWriter:
-    """Writes the training split's token ids chunk by chunk, as soon as the chunk's units are resolved."""
-
-    def __init__(self, handle, dtype) -> None:
-        self.handle, self.dtype = handle, dtype
-        self.pending: list[tuple[np.ndarray, np.ndarray, int]] = []  # (unit ids, units per document, units needed)
-        self.offsets = [np.zeros(1, dtype=np.int64)]
-
-    def add(self, units: np.ndarray, doc_units: np.ndarray, needed: int) -> None:
-        self.pending.append((units, doc_units, needed))
-
-    def write_ready(self, table: UnitTable) -> None:
-        done = 0
-        tokens = None
-        for units, doc_units, needed in self.pending:
-            if needed > table.resolved_units:
-                break
-            tokens = tokens or table.unit_tokens()
-            self.handle.write(tokens.expand(units).astype(self.dtype).tobytes())
-            so_far = np.concatenate([[0], np.cumsum(tokens.lens[units])])
-            self.offsets.append(self.offsets[-1][-1] + so_far[np.cumsum(doc_units)])
-            done += 1
-        del self.pending[:done]
+        weights = np.repeat(full, pieces.lens)
+        return np.bincount(pieces.flat, weights=weights, minlength=self.piece_tokens.lens.size).astype(np.int64)
 
 
 def _chunks(path: Path, chunk_bytes: int, keep_sequence: bool) -> Iterator[tuple[str, int, int, bool]]:
@@ -377,7 +544,7 @@ def analyze(
     out_dir: Path,
     threads: int = 2,
     exact: bool = False,
-    chunk_bytes: int = 1 << 20,
+    chunk_bytes: int = 4 << 20,
     trust_remote_code: bool = False,
 ) -> dict:
     """Analyze the splits (keys: train, heldout, general_train, general_heldout) into out_dir.
@@ -400,14 +567,14 @@ def _import_pyarrow() -> None:
 
 def _analyze(spec: dict, splits: dict[str, Path], out_dir: Path, exact: bool, chunk_bytes: int,
              use_ranks: bool) -> dict:
-    spec_json = json.dumps(spec)
     from tokenizers import Tokenizer
 
-    tok = Tokenizer.from_str(spec_json)
+    tok = Tokenizer.from_str(json.dumps(spec))
     vocab_size = tok.get_vocab_size(with_added_tokens=True)
-    dtype = np.uint16 if vocab_size <= 1 << 16 else np.uint32
+    dtype = ids_dtype(vocab_size)
     table = UnitTable()
     counts = {name: Growing() for name in splits}
+    doc_tokens: list[np.ndarray] = []  # ids per training document, chunk by chunk
     stats: dict[str, dict] = {}
     names = (
         "train_ids.bin", "train_offsets.npy", "train_ids.json",
@@ -415,52 +582,54 @@ def _analyze(spec: dict, splits: dict[str, Path], out_dir: Path, exact: bool, ch
     )
     ctx = mp.get_context("fork")
     with atomic_outputs(*(out_dir / n for n in names)) as paths, ctx.Pool(
-        1, initializer=_worker_init, initargs=(spec_json, exact, use_ranks)
+        1, initializer=_worker_init, initargs=(spec, tok, exact, use_ranks)
     ) as pool:
-        _worker_init(spec_json, exact, use_ranks=False)  # this process cuts and numbers units; the pool's resolves them
+        _worker_init(spec, tok, exact, use_ranks=False)  # this process cuts and numbers units; the pool's resolves them
         bin_path, offsets_path, meta_path, freq_path, pretokens_path, stats_path = paths
+        bin_path.write_bytes(b"")  # the helper appends the training split's ids, chunk by chunk
         sample: list[tuple[int, list[int]]] = []
         asked: deque = deque()  # AsyncResults of _resolve_units not yet taken, in order
-        with open(bin_path, "wb") as bin_handle:
-            writer = IdWriter(bin_handle, dtype)
 
-            def take_answers(wait: bool) -> None:
-                while asked and (wait or asked[0].ready()):
-                    table.add(asked.popleft().get())
-                writer.write_ready(table)
+        def take_answers(wait: bool) -> None:
+            while asked and (wait or asked[0].ready()):
+                answer = asked.popleft().get()
+                table.add(answer)
+                if "doc_tokens" in answer:
+                    doc_tokens.append(answer["doc_tokens"])
 
-            for name, path in splits.items():
-                keep = name == "train"
-                n_docs = n_bytes = 0
-                bar = progress(total=os.path.getsize(path), unit="B", unit_scale=True, desc=f"analyze {name}")
-                log.info("analyzing %s (%s)", name, path)
-                for task in _chunks(path, chunk_bytes, keep):
-                    chunk = _index_chunk(task)
-                    table.keys += chunk["units"]
-                    asked.append(pool.apply_async(_resolve_units, (chunk["units"],)))
-                    if keep:
-                        counts[name].add_dense(np.bincount(chunk["payload"]))
-                        writer.add(chunk["payload"], chunk["doc_units"], len(table.keys))
-                    else:
-                        counts[name].add_dense(chunk["payload"])
-                    take_answers(wait=False)
-                    sample += [(n_docs + i, ids) for i, ids in chunk["sample"]]
-                    n_docs += len(chunk["doc_units"])
-                    n_bytes += chunk["bytes"]
-                    bar.update(task[2] - task[1])
-                bar.close()
-                stats[name] = {"documents": n_docs, "bytes": n_bytes}
-            take_answers(wait=True)
-        table.finish()
-        offsets = np.concatenate(writer.offsets)
-        log.info("%d distinct units, %d distinct pre-tokens; writing tables", len(table.keys), len(table.piece_keys))
+        for name, path in splits.items():
+            keep = name == "train"
+            n_docs = n_bytes = 0
+            bar = progress(total=os.path.getsize(path), unit="B", unit_scale=True, desc=f"analyze {name}")
+            log.info("analyzing %s (%s)", name, path)
+            for task in _chunks(path, chunk_bytes, keep):
+                chunk = _index_chunk(task)
+                table.units += len(chunk["units"])
+                sequence = (str(bin_path), chunk["payload"], chunk["doc_units"]) if keep else None
+                asked.append(pool.apply_async(_resolve_units, (chunk["units"], sequence)))
+                counts[name].add_dense(np.bincount(chunk["payload"]) if keep else chunk["payload"])
+                take_answers(wait=False)
+                sample += [(n_docs + i, ids) for i, ids in chunk["sample"]]
+                n_docs += len(chunk["doc_units"])
+                n_bytes += chunk["bytes"]
+                bar.update(task[2] - task[1])
+            bar.close()
+            stats[name] = {"documents": n_docs, "bytes": n_bytes}
+        vocab = _vocab_columns(tok, spec)
+        take_answers(wait=True)
+        pool.apply(_writes_done)
+        if table.mismatches:
+            raise RankMismatch
+        offsets = np.concatenate([[0], np.cumsum(np.concatenate([np.zeros(0, np.int64), *doc_tokens]))])
+        log.info("%d distinct units, %d distinct pre-tokens; writing tables", table.units, table.piece_tokens.lens.size)
+        token_lens = table.token_lens.view()
         for name in splits:
             c = counts[name].view()
-            n_tokens = int((c * table.tokens.lens[: len(c)]).sum())
+            n_tokens = int((c * token_lens[: len(c)]).sum())
             stats[name]["tokens"] = n_tokens
             stats[name]["tokens_per_byte"] = round(n_tokens / stats[name]["bytes"], 6) if stats[name]["bytes"] else None
             log.info("%s: %d documents, %d bytes, %d tokens", name, stats[name]["documents"], stats[name]["bytes"], n_tokens)
-        _write_tables(table, counts, tok, spec, freq_path, pretokens_path)
+        _write_tables(table, counts, vocab, freq_path, pretokens_path)
         np.save(offsets_path, offsets)
         _guard(sample, splits["train"], bin_path, offsets, dtype)
         meta = {
@@ -487,7 +656,22 @@ def _guard(sample: list[tuple[int, list[int]]], train: Path, bin_path: Path, off
             )
 
 
-def _write_tables(table: UnitTable, counts: dict[str, Growing], tok, spec: dict, freq_path: Path,
+def _vocab_columns(tok, spec: dict) -> dict:
+    """id, token and readable form of every id: the part of token_frequencies.parquet the corpus
+    does not change (made while the helper finishes)."""
+    import pyarrow as pa
+
+    vocab_size = tok.get_vocab_size(with_added_tokens=True)
+    tokens = [tok.id_to_token(i) or "" for i in range(vocab_size)]
+    special = {t["id"] for t in spec.get("added_tokens", [])}
+    return {
+        "id": pa.array(np.arange(vocab_size), pa.int32()),
+        "token": pa.array(tokens, pa.string()),
+        "readable": pa.array([t if i in special else readable(t) for i, t in enumerate(tokens)], pa.string()),
+    }
+
+
+def _write_tables(table: UnitTable, counts: dict[str, Growing], vocab: dict, freq_path: Path,
                   pretokens_path: Path) -> None:
     import pyarrow as pa
     import pyarrow.compute as pc
@@ -497,42 +681,36 @@ def _write_tables(table: UnitTable, counts: dict[str, Growing], tok, spec: dict,
         return table.piece_counts(counts[name].view() if name in counts else np.zeros(0, np.int64))
 
     domain, general = piece_counts("train"), piece_counts("general_train")
-    segs = table.piece_tokens
-    vocab_size = tok.get_vocab_size(with_added_tokens=True)
+    segs = table.piece_tokens.view()
+    vocab_size = len(vocab["id"])
     token_count = np.bincount(segs.flat, weights=np.repeat(domain, segs.lens), minlength=vocab_size).astype(np.int64)
     token_general = np.bincount(segs.flat, weights=np.repeat(general, segs.lens), minlength=vocab_size).astype(np.int64)
-    tokens = [tok.id_to_token(i) or "" for i in range(vocab_size)]
-    special = {t["id"] for t in spec.get("added_tokens", [])}
-    freq = pa.table(
-        {
-            "id": pa.array(np.arange(vocab_size), pa.int32()),
-            "token": tokens,
-            "readable": [t if i in special else readable(t) for i, t in enumerate(tokens)],
-            "count": token_count,
-            "general_count": token_general,
-        }
-    )
-    pq.write_table(freq, freq_path)
+    freq = pa.table({**vocab, "count": token_count, "general_count": token_general})
+    writing = threading.Thread(target=pq.write_table, args=(freq, freq_path))  # Arrow writes without the GIL
+    writing.start()
 
-    keys = table.piece_keys
-    is_special = np.fromiter((k.startswith(SPECIAL) for k in keys), dtype=bool, count=len(keys))
-    keep = np.nonzero(~is_special & ((domain > 0) | (general > 0)))[0]
-    keep = keep[np.lexsort((keep, -general[keep], -domain[keep]))]  # by count, then first sight
-    rows = keep.tolist()
+    keys = pa.concat_arrays(table.piece_keys) if table.piece_keys else pa.array([], pa.string())
+    is_special = pc.starts_with(keys, SPECIAL).to_numpy(zero_copy_only=False)
+    keep = np.flatnonzero(~is_special & ((domain > 0) | (general > 0)))
+    texts = keys.take(pa.array(keep))
+    order = pc.sort_indices(pa.table({"domain": domain[keep], "general": general[keep], "text": texts}),
+                            sort_keys=[("domain", "descending"), ("general", "descending"), ("text", "ascending")])
+    keep, texts = keep[order.to_numpy()], texts.take(order)  # by count, then by text
     offsets = pa.array(np.concatenate([[0], np.cumsum(segs.lens[keep])]), pa.int32())
-    ids = segs.expand(keep)
+    ids, _ = segs.expand(keep)
     # A pre-token's byte-level form is its tokens' strings joined.
-    forms = pc.binary_join(pa.ListArray.from_arrays(offsets, pa.array(tokens).take(pa.array(ids))), "")
+    forms = pc.binary_join(pa.ListArray.from_arrays(offsets, vocab["token"].take(pa.array(ids))), "")
     pre = pa.table(
         {
             "pretoken": forms,
-            "text": [keys[g] for g in rows],
+            "text": texts,
             "count": pa.array(domain[keep], pa.int64()),
             "general_count": pa.array(general[keep], pa.int64()),
             "ids": pa.ListArray.from_arrays(offsets, pa.array(ids, pa.int32())),
         }
     )
-    pq.write_table(pre, pretokens_path)
+    pq.write_table(pre, pretokens_path, use_dictionary=["ids"])  # the strings are distinct
+    writing.join()
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

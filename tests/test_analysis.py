@@ -173,6 +173,47 @@ def test_the_rank_merger_segments_like_the_tokenizer(tmp_path, gpt2_tokenizer_di
         assert segment is not None
         mismatched = [p for p in pieces if segment(p.encode()) != hf(p.encode())]
         assert not mismatched and len(pieces) > 5000
+        ordered = sorted(pieces)
+        lens, flat = segment.many(ordered)  # all at once, through one call into tiktoken
+        assert np.array_equal(lens, [len(hf(p.encode())) for p in ordered])
+        assert flat.tolist() == [i for p in ordered for i in hf(p.encode())]
+
+
+def test_documents_cut_in_python_are_found_by_the_re2_test():
+    """The vectorized cut leaves documents with a space inside whitespace to Python; pyarrow's RE2
+    must find exactly what Python's regex finds, for every character Python counts as whitespace."""
+    import random
+
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from analyze_corpus import _SPACE_IN_WHITESPACE_RE2
+
+    spaces = [chr(c) for c in range(0x110000) if chr(c).isspace()]
+    alphabet = spaces + [" "] * 8 + ["a", "법", "1", ".", "\u200b", "\x1b"]
+    rng = random.Random(0)
+    texts = ["".join(rng.choice(alphabet) for _ in range(rng.randint(0, 8))) for _ in range(20000)]
+    found = pc.match_substring_regex(pa.array(texts), _SPACE_IN_WHITESPACE_RE2).to_pylist()
+    assert found == [_SPACE_IN_WHITESPACE.search(t) is not None for t in texts]
+    assert 1000 < sum(found) < 19000
+
+
+def test_string_numbering_stays_exact_when_hashes_collide(monkeypatch):
+    """Strings are looked up by a 64-bit hash checked against the string; with every hash equal
+    (the worst case), each distinct string still gets one number, the same on every later sight."""
+    import analyze_corpus
+    import pyarrow as pa
+
+    batches = [["a", "b", "a", "법률"], ["b", "c", "법률", ""], ["", "d", "a"]]
+    for hashing in (analyze_corpus.hash_strings, lambda texts: np.zeros(len(texts), np.uint64)):
+        monkeypatch.setattr(analyze_corpus, "hash_strings", hashing)
+        new: list[str] = []
+        numbering = analyze_corpus.StringNumbering("k", new, [0])
+        numbers = [numbering.number(pa.array(batch, pa.string())).tolist() for batch in batches]
+        seen = list(dict.fromkeys(s for batch in batches for s in batch))
+        assert sorted(new) == sorted("k" + s for s in seen)
+        first = {key[1:]: i for i, key in enumerate(new)}
+        assert numbers == [[first[s] for s in batch] for batch in batches]
 
 
 def test_ids_out_of_merge_order_still_equal_hf_encode(tmp_path, splits, gpt2_tokenizer_dir):

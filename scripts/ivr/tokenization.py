@@ -6,8 +6,10 @@ import json
 import os
 from collections.abc import Callable
 from functools import lru_cache
+from itertools import chain
 from pathlib import Path
 
+import numpy as np
 import regex
 
 from ivr.cli import UserError
@@ -254,6 +256,10 @@ def compile_pretokenizer(spec: dict) -> Callable[[str], list[str]] | None:
     return pretokenize
 
 
+# Separates pre-tokens in one call into tiktoken: never in ingested text (ingest refuses NUL bytes).
+_SEPARATOR = "\x00"
+
+
 class RankSegmenter:
     """Exact byte-level BPE segmentation of single pre-tokens by tiktoken's rank-based merger.
 
@@ -266,11 +272,16 @@ class RankSegmenter:
     build() returns None for BPE options tiktoken cannot express.
     """
 
-    def __init__(self, encode, rank_to_id: list[int] | None, whole_tokens: frozenset[bytes], hf_tokenize) -> None:
-        self._encode = encode
+    def __init__(self, core, rank_to_id: np.ndarray | None, whole_tokens: frozenset[bytes], hf_tokenize) -> None:
+        self._core = core
         self._rank_to_id = rank_to_id
         self._whole_tokens = whole_tokens
+        self._whole_texts = frozenset(t.decode("utf-8") for t in whole_tokens if _is_utf8(t))
         self._hf_tokenize = hf_tokenize
+        self._separator_rank = core.encode_single_token(_SEPARATOR.encode())
+        buffer = getattr(core, "encode_to_tiktoken_buffer", None)  # tiktoken >= 0.8: no Python list in between
+        self._encode_all = (lambda text: np.frombuffer(buffer(text, set()), np.uint32)) if buffer else (
+            lambda text: np.array(core.encode_ordinary(text), np.uint32))
 
     @classmethod
     def build(cls, spec: dict, hf_tokenize: Callable[[bytes], list[int]]) -> RankSegmenter | None:
@@ -308,15 +319,91 @@ class RankSegmenter:
         if all(a < b for a, b in zip(merged_ids, merged_ids[1:])) and len(set(ids.values())) == len(ids):
             ranks, rank_to_id = ids, None  # ids already grow in merge order (GPT-2, SmolLM2): use them as ranks
         else:
-            ranks, rank_to_id = {data: rank for rank, data in enumerate(ids)}, list(ids.values())
-        encoding = tiktoken.Encoding("ivr-segmenter", pat_str=GPT2_PATTERN, mergeable_ranks=ranks, special_tokens={})
+            ranks, rank_to_id = {data: rank for rank, data in enumerate(ids)}, np.fromiter(ids.values(), np.int64)
+        # The pattern keeps each separated piece whole: tiktoken only merges, the caller pre-tokenized.
+        pattern = f"[^{_SEPARATOR}]+|{_SEPARATOR}"
+        encoding = tiktoken.Encoding("ivr-segmenter", pat_str=pattern, mergeable_ranks=ranks, special_tokens={})
         whole = frozenset() if model.get("ignore_merges") else frozenset(list(ids)[256:])
-        encode = getattr(getattr(encoding, "_core_bpe", None), "encode_single_piece", None)  # skips a Python wrapper
-        return cls(encode or encoding._encode_single_piece, rank_to_id, whole, hf_tokenize)
+        return cls(encoding._core_bpe, rank_to_id, whole, hf_tokenize)
 
     def __call__(self, piece: bytes) -> list[int]:
         if piece in self._whole_tokens:
             return self._hf_tokenize(piece)
-        if self._rank_to_id is None:
-            return self._encode(piece)
-        return list(map(self._rank_to_id.__getitem__, self._encode(piece)))
+        ranks = self._core.encode_single_piece(piece)
+        return ranks if self._rank_to_id is None else self._rank_to_id[ranks].tolist()
+
+    def many(self, pieces: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """Segmentations of many pre-tokens through one call into tiktoken: (lengths, ids back to back)."""
+        whole = self._whole_texts
+        alone = [i for i, p in enumerate(pieces) if p in whole or _SEPARATOR in p]
+        batch = pieces
+        if alone:
+            skip = set(alone)
+            batch = [p for i, p in enumerate(pieces) if i not in skip]
+        try:
+            ranks = self._encode_all(_SEPARATOR.join(batch))
+        except UnicodeEncodeError:  # lone surrogates (bytes cut inside a character): one by one
+            return ragged([self(p.encode("utf-8", "surrogateescape")) for p in pieces])
+        cuts = np.flatnonzero(ranks == self._separator_rank)
+        if len(cuts) != max(len(batch) - 1, 0):
+            raise AssertionError("tiktoken merged across a separator")
+        lens = np.diff(np.concatenate([[-1], cuts, [len(ranks)]])) - 1 if batch else np.zeros(0, np.int64)
+        flat = np.delete(ranks, cuts).astype(np.int64)
+        if self._rank_to_id is not None:
+            flat = self._rank_to_id[flat]
+        if not alone:
+            return lens, flat
+        rest = np.ones(len(pieces), bool)
+        rest[alone] = False
+        rest = np.flatnonzero(rest)
+        lone = ragged([self(pieces[i].encode("utf-8")) for i in alone])
+        return interleave([(rest, (lens, flat)), (np.array(alone), lone)], len(pieces))
+
+
+def _is_utf8(data: bytes) -> bool:
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def ragged(rows: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
+    """Rows of ints of varying length as (lengths, values back to back)."""
+    lens = np.fromiter(map(len, rows), dtype=np.int64, count=len(rows))
+    return lens, np.fromiter(chain.from_iterable(rows), dtype=np.int64, count=int(lens.sum()))
+
+
+def interleave(sources: list[tuple[np.ndarray, tuple[np.ndarray, np.ndarray]]], n: int) -> tuple[np.ndarray, np.ndarray]:
+    """n rows gathered from ragged sources: each source is (destination row of each of its rows, (lengths, values))."""
+    lens = np.zeros(n, np.int64)
+    for rows, (row_lens, _) in sources:
+        lens[rows] = row_lens
+    starts = np.cumsum(lens) - lens
+    flat = np.zeros(int(lens.sum()), np.int64)
+    for rows, (row_lens, values) in sources:
+        within = np.cumsum(row_lens) - row_lens
+        flat[np.repeat(starts[rows] - within, row_lens) + np.arange(len(values))] = values
+    return lens, flat
+
+
+_HASH_BASE = np.uint64(0x100000001B3 * 2 + 1)
+_HASH_LENGTH = np.uint64(0x9E3779B97F4A7C15)
+
+
+def hash_strings(texts) -> np.ndarray:
+    """A 64-bit polynomial hash of each string of a pyarrow string array, vectorized (equal strings,
+    equal hashes; callers check hits against the strings)."""
+    offsets = np.frombuffer(texts.buffers()[1], np.int32, len(texts) + 1, texts.offset * 4).astype(np.int64)
+    data = texts.buffers()[2]
+    data = np.frombuffer(data, np.uint8) if data is not None else np.zeros(0, np.uint8)
+    lens = np.diff(offsets)
+    starts = offsets[:-1] - offsets[0]
+    powers = np.cumprod(np.full(max(int(lens.max(initial=0)), 1), _HASH_BASE, np.uint64))
+    within = np.arange(int(lens.sum())) - np.repeat(starts, lens)
+    terms = (data[offsets[0] : offsets[-1]].astype(np.uint64) + np.uint64(1)) * powers[within]
+    hashes = np.zeros(len(texts), np.uint64)
+    filled = lens > 0
+    if filled.any():
+        hashes[filled] = np.add.reduceat(terms, starts[filled])
+    return hashes ^ (lens.astype(np.uint64) * _HASH_LENGTH)
