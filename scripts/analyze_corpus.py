@@ -129,11 +129,12 @@ def ids_dtype(vocab_size: int):
 # Cutting (this process): documents become units, numbered on first sight. A unit is a
 # space-separated word with its leading space (the pre-tokenizers we speed up never let a pre-token
 # cross such a space, see splits_at_single_spaces), or one pre-token where that does not hold. The
-# cut is vectorized (pyarrow splits and hashes each chunk; Python only meets each chunk's distinct
-# words). Resolving (one helper process, meanwhile): the new units are pre-tokenized once, most of
-# them in one regex pass over them all joined, and their new pre-tokens segmented with the base BPE
-# in one tiktoken call. The training split's unit sequence is expanded into token ids as answers
-# arrive. Counting by unit is exact and much cheaper than encoding every document.
+# cut is vectorized: pyarrow splits and hashes each chunk, and the chunk's distinct words are looked
+# up in a sorted table of 64-bit hashes (StringNumbering), so no Python object is made per word.
+# Resolving (one helper process, meanwhile): the new units are pre-tokenized once, most of them in
+# one regex pass over them all joined, and their new pre-tokens segmented with the base BPE in one
+# tiktoken call; the helper also expands the training split's units into token ids and appends them
+# to the ids file (in a thread). Counting by unit is exact and much cheaper than encoding every document.
 
 SPECIAL = "\x00"  # unit kinds, as the first character of a unit's key: an added token met in the text,
 WORD = "\x01"  # a word that followed a single space (its pre-tokens are those of " " + word),
@@ -143,7 +144,7 @@ _SPACE_IN_WHITESPACE = re.compile(r" (?<=\s )(?:\s|\Z)")  # a space with whitesp
 # The same test in RE2 syntax for pyarrow, with Python's \s spelled out (RE2's \s is ASCII only).
 _WHITESPACE_RE2 = "".join(f"\\x{{{c:x}}}" for c in range(0x110000) if chr(c).isspace())
 _SPACE_IN_WHITESPACE_RE2 = f"[{_WHITESPACE_RE2}] (?:[{_WHITESPACE_RE2}]|$)"
-_WORD_NOT_SPACE_FIRST_RE2 = f"^\\x{{{ord(WORD):x}}}[^{_WHITESPACE_RE2}]"  # a unit key of a WORD that starts with non-whitespace
+_NOT_SPACE_FIRST_RE2 = f"^[^{_WHITESPACE_RE2}]"
 
 VERIFY_EVERY = 32  # every n-th distinct pre-token segmented by ranks is checked against the HF model
 GUARD_EVERY = 256  # every n-th training document is encoded by the tokenizer itself and compared
@@ -159,9 +160,9 @@ class StringNumbering:
     seen are kept as a pyarrow array with their numbers and sorted 64-bit hashes. A lookup is a
     binary search by hash checked against the string itself; the rare strings whose hash is taken by
     another string are numbered through a dict instead. The counter is shared with other numberings
-    (`total`), and new strings are noted, with a prefix, in a shared list."""
+    (`total`), and new strings are noted in a shared list as (prefix, pyarrow array) batches."""
 
-    def __init__(self, prefix: str, new: list[str], total: list[int]) -> None:
+    def __init__(self, prefix: str, new: list, total: list[int]) -> None:
         import pyarrow as pa
 
         self.prefix, self.new, self.total = prefix, new, total
@@ -202,7 +203,7 @@ class StringNumbering:
             for i, text in zip(clashing.tolist(), texts.take(pa.array(clashing)).to_pylist()):
                 if text not in self.clashing:
                     self.clashing[text] = self._next(1)
-                    self.new.append(self.prefix + text)
+                    self.new.append((self.prefix, pa.array([text], pa.string())))
                 numbers[i] = self.clashing[text]
         return numbers
 
@@ -221,8 +222,8 @@ class StringNumbering:
         self.slots = np.insert(self.slots, at, len(self.strings) + order)
         self.strings = pa.concat_arrays([self.strings, texts])
         self.numbers = np.concatenate([self.numbers, numbers])
-        listed = texts.to_pylist()
-        self.new.extend([self.prefix + text for text in listed] if self.prefix else listed)
+        if len(texts):
+            self.new.append((self.prefix, texts))
         return numbers
 
 
@@ -241,7 +242,7 @@ def _worker_init(spec: dict, tok, exact: bool, use_ranks: bool) -> None:
     literal = ("".join(f"\\x{{{ord(c):x}}}" for c in token) for token in added)
     _W["not_by_word_re2"] = "|".join([_SPACE_IN_WHITESPACE_RE2, *literal])  # documents cut in Python instead
     _W["segmenter"] = RankSegmenter.build(spec, _hf_segment) if use_ranks and not exact else None
-    new: list[str] = []
+    new: list = []  # (kind, pyarrow array) batches of the units numbered since it was last cleared
     _W["new"] = new
     units_seen = [0]
     _W["units"] = {kind: StringNumbering(kind, new, units_seen) for kind in (SPECIAL, WORD, WHOLE, PIECE)}
@@ -249,7 +250,7 @@ def _worker_init(spec: dict, tok, exact: bool, use_ranks: bool) -> None:
     _W["piece_tokens"] = GrowingRagged()  # piece number -> its base ids
     _W["unit_tokens"] = GrowingRagged(ids_dtype(tok.get_vocab_size(with_added_tokens=True)))  # unit -> ids
     _W["pieces"] = StringNumbering("", _W["new_pieces"], [0])
-    _W["writer"], _W["writes"] = ThreadPoolExecutor(1), []
+    _W["writer"], _W["writes"], _W["helper"] = ThreadPoolExecutor(1), [], ThreadPoolExecutor(1)
 
 
 def _pretokenizer(spec: dict, tok, exact: bool):
@@ -390,7 +391,7 @@ def _index_chunk(task: tuple[str, int, int, bool]) -> dict:
               for i in range(0, n_docs, GUARD_EVERY)] if keep_sequence else []
     known = _W["units"][WORD].total[0]
     return {
-        "units": list(new),
+        "units": list(new),  # (kind, texts) batches
         "payload": local if keep_sequence else np.bincount(local, minlength=known),
         "doc_units": doc_units,
         "bytes": int(pc.sum(pc.binary_length(docs)).as_py() or 0),
@@ -398,54 +399,24 @@ def _index_chunk(task: tuple[str, int, int, bool]) -> dict:
     }
 
 
-def _resolve_units(keys: list[str], sequence: tuple[str, np.ndarray, np.ndarray] | None = None) -> dict:
-    """Pre-tokens of new units, each pre-token new to this process segmented once. Returns
-    unit -> piece numbers (numbered in order of first sight, across calls), the new pieces with
-    their segmentations, and each new unit's number of ids. With a sequence (ids file, unit numbers,
-    units per document), also appends that sequence's ids to the file and returns each document's
-    number of ids."""
+def _resolve_units(batches: list, sequence: tuple[str, np.ndarray, np.ndarray] | None = None) -> dict:
+    """Pre-tokens of new units ((kind, texts) batches, in the order they were numbered), each
+    pre-token new to this process segmented once. Returns unit -> piece numbers (numbered in order of
+    first sight, across calls), the new pieces with their segmentations, and each new unit's number
+    of ids. With a sequence (ids file, unit numbers, units per document), also appends that
+    sequence's ids to the file and returns each document's number of ids."""
     import pyarrow as pa
-    import pyarrow.compute as pc
 
-    pretokenize, pieces, new_pieces = _W["pretokenize"], _W["pieces"], _W["new_pieces"]
+    pieces, new_pieces = _W["pieces"], _W["new_pieces"]
     new_pieces.clear()
-    # Words with something other than whitespace first can be joined by single spaces and
-    # pre-tokenized in one pass: no pre-token crosses such a space (splits_at_single_spaces).
-    key_array = pa.array(keys, pa.string())
-    joinable = pc.match_substring_regex(key_array, _WORD_NOT_SPACE_FIRST_RE2).to_numpy(zero_copy_only=False)
-    sources = []
-    if joinable.any():
-        words = pc.utf8_slice_codeunits(key_array.filter(pa.array(joinable)), 1)
-        parts = pretokenize(" " + " ".join(words.to_pylist()))
-        part_ends = np.cumsum(np.fromiter(map(len, parts), np.int64, count=len(parts)))
-        word_ends = np.cumsum(pc.utf8_length(words).to_numpy().astype(np.int64) + 1)
-        last_part = np.searchsorted(part_ends, word_ends)
-        if not np.array_equal(part_ends[np.minimum(last_part, len(parts) - 1)], word_ends):
-            raise RuntimeError("a pre-token crossed a single space between words")
-        parts_per_word = np.diff(last_part, prepend=-1)
-        numbers = pieces.number(pa.array(parts, pa.string()))
-        sources.append((np.flatnonzero(joinable), (parts_per_word, numbers)))
-    rest = np.flatnonzero(~joinable)
-    rows = []
-    for i in rest.tolist():
-        kind, text = keys[i][0], keys[i][1:]
-        if kind == WORD:
-            rows.append(pretokenize(" " + text))
-        elif kind == WHOLE:
-            rows.append(pretokenize(text))
-        elif kind == PIECE:
-            rows.append([text])
-        else:
-            rows.append([keys[i]])  # an added token: one piece, SPECIAL-prefixed
-    if len(rest):
-        lens = np.fromiter(map(len, rows), np.int64, count=len(rows))
-        sources.append((rest, (lens, pieces.number(pa.array([p for row in rows for p in row], pa.string())))))
-    unit_pieces = interleave(sources, len(keys))
-    segs, mismatches = _segment(new_pieces, pieces.total[0] - len(new_pieces))
+    rows = [_pieces_of(kind, texts) for kind, texts in batches] or [(np.zeros(0, np.int64), np.zeros(0, np.int64))]
+    unit_pieces = (np.concatenate([lens for lens, _ in rows]), np.concatenate([flat for _, flat in rows]))
+    new = pa.concat_arrays([texts for _, texts in new_pieces]) if new_pieces else pa.array([], pa.string())
+    segs, mismatches = _segment(new, pieces.total[0] - len(new))
     _W["piece_tokens"].append(*segs)
     unit_tokens = Ragged(*unit_pieces).compose(_W["piece_tokens"].view())
     _W["unit_tokens"].append(unit_tokens.lens, unit_tokens.flat)
-    answer = {"pieces": pa.array(new_pieces, pa.string()), "segs": Ragged(*segs), "unit_pieces": Ragged(*unit_pieces),
+    answer = {"pieces": new, "segs": Ragged(*segs), "unit_pieces": Ragged(*unit_pieces),
               "unit_token_lens": unit_tokens.lens, "mismatches": mismatches}
     if sequence is not None:
         path, units, doc_units = sequence
@@ -455,6 +426,54 @@ def _resolve_units(keys: list[str], sequence: tuple[str, np.ndarray, np.ndarray]
         # Written by a thread (numpy and file writes release the GIL), in order, while the next units resolve.
         _W["writes"].append(_W["writer"].submit(_write_ids, path, table, units))
     return answer
+
+
+def _pieces_of(kind: str, texts) -> tuple[np.ndarray, np.ndarray]:
+    """Piece numbers of units of one kind: (pieces per unit, piece numbers back to back)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    pretokenize, pieces = _W["pretokenize"], _W["pieces"]
+    sources = []
+    joinable = np.zeros(len(texts), bool)
+    if kind == WORD:
+        # Words that start with something other than whitespace can be joined by single spaces and
+        # pre-tokenized in one pass: no pre-token crosses such a space (splits_at_single_spaces).
+        joinable = pc.match_substring_regex(texts, _NOT_SPACE_FIRST_RE2).to_numpy(zero_copy_only=False)
+    if joinable.any():
+        words = texts.filter(pa.array(joinable))
+        halves = _in_two_threads(lambda half: pretokenize(" " + " ".join(half.to_pylist())), words)
+        parts = halves[0] + halves[1]
+        part_ends = np.cumsum(np.fromiter(map(len, parts), np.int64, count=len(parts)))
+        word_ends = np.cumsum(pc.utf8_length(words).to_numpy().astype(np.int64) + 1)
+        last_part = np.searchsorted(part_ends, word_ends)
+        if not np.array_equal(part_ends[np.minimum(last_part, len(parts) - 1)], word_ends):
+            raise RuntimeError("a pre-token crossed a single space between words")
+        numbers = pieces.number(pa.array(parts, pa.string()))
+        sources.append((np.flatnonzero(joinable), (np.diff(last_part, prepend=-1), numbers)))
+    rest = np.flatnonzero(~joinable)
+    if len(rest):
+        rows = []
+        for text in texts.take(pa.array(rest)).to_pylist():
+            if kind == WORD:
+                rows.append(pretokenize(" " + text))
+            elif kind == WHOLE:
+                rows.append(pretokenize(text))
+            elif kind == PIECE:
+                rows.append([text])
+            else:
+                rows.append([SPECIAL + text])  # an added token: one piece, SPECIAL-prefixed
+        lens = np.fromiter(map(len, rows), np.int64, count=len(rows))
+        sources.append((rest, (lens, pieces.number(pa.array([p for row in rows for p in row], pa.string())))))
+    return interleave(sources, len(texts))
+
+
+def _in_two_threads(work, items: list) -> tuple:
+    """work(first half), work(second half), the second in a helper thread: the regex and tiktoken
+    release the GIL, so both cores help once the main process has finished cutting."""
+    middle = len(items) // 2
+    second = _W["helper"].submit(work, items[middle:])
+    return work(items[:middle]), second.result()
 
 
 def _write_ids(path: str, table: Ragged, units: np.ndarray) -> None:
@@ -469,27 +488,31 @@ def _writes_done() -> None:
         _W["writes"].pop(0).result()
 
 
-def _segment(new_pieces: list[str], first_number: int) -> tuple[tuple[np.ndarray, np.ndarray], int]:
-    """Base segmentations of new pre-tokens (numbered from first_number), and how many of the
-    sampled ones tiktoken's merger got wrong."""
+def _segment(new, first_number: int) -> tuple[tuple[np.ndarray, np.ndarray], int]:
+    """Base segmentations of new pre-tokens (a pyarrow string array, numbered from first_number),
+    and how many of the sampled ones tiktoken's merger got wrong."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
     added, segmenter = _W["added"], _W["segmenter"]
-    special = [i for i, p in enumerate(new_pieces) if p.startswith(SPECIAL)]
-    plain = np.flatnonzero(~np.isin(np.arange(len(new_pieces)), special)) if special else None
-    plain_pieces = [new_pieces[i] for i in plain] if special else new_pieces
+    special = pc.starts_with(new, SPECIAL).to_numpy(zero_copy_only=False)
+    plain = new.filter(pa.array(~special)) if special.any() else new
     if segmenter is None:
-        segs = ragged([_hf_segment(p.encode("utf-8", "surrogateescape")) for p in plain_pieces])
+        segs = ragged([_hf_segment(p.encode("utf-8", "surrogateescape")) for p in plain.to_pylist()])
     else:
-        segs = segmenter.many(plain_pieces)
-    if special:
-        specials = ragged([[added[new_pieces[i][1:]]] for i in special])
-        segs = interleave([(plain, segs), (np.array(special), specials)], len(new_pieces))
+        halves = _in_two_threads(segmenter.many, plain)
+        segs = (np.concatenate([halves[0][0], halves[1][0]]), np.concatenate([halves[0][1], halves[1][1]]))
+    if special.any():
+        specials = ragged([[added[p[1:]]] for p in new.filter(pa.array(special)).to_pylist()])
+        segs = interleave([(np.flatnonzero(~special), segs), (np.flatnonzero(special), specials)], len(new))
     mismatches = 0
     if segmenter is not None:
         lens, flat = segs
         starts = np.cumsum(lens) - lens
-        for i in range(-first_number % VERIFY_EVERY, len(new_pieces), VERIFY_EVERY):
-            if not new_pieces[i].startswith(SPECIAL):
-                expected = _hf_segment(new_pieces[i].encode("utf-8", "surrogateescape"))
+        sampled = np.arange(-first_number % VERIFY_EVERY, len(new), VERIFY_EVERY)
+        for i, piece in zip(sampled.tolist(), new.take(pa.array(sampled)).to_pylist()):
+            if not piece.startswith(SPECIAL):
+                expected = _hf_segment(piece.encode("utf-8", "surrogateescape"))
                 mismatches += flat[starts[i] : starts[i] + lens[i]].tolist() != expected
     return segs, mismatches
 
@@ -512,7 +535,7 @@ class UnitTable:
     def add(self, answer: dict) -> None:
         """Append one resolver answer (answers come in the order of the units asked about)."""
         self.mismatches += answer["mismatches"]
-        self.piece_keys.append(answer["pieces"])
+        self.piece_keys.append(answer["pieces"])  # a pyarrow array
         self.piece_tokens.append(answer["segs"].lens, answer["segs"].flat)
         self.pieces.append(answer["unit_pieces"].lens, answer["unit_pieces"].flat)
         self.token_lens.extend(answer["unit_token_lens"])
@@ -544,7 +567,7 @@ def analyze(
     out_dir: Path,
     threads: int = 2,
     exact: bool = False,
-    chunk_bytes: int = 4 << 20,
+    chunk_bytes: int = 8 << 20,
     trust_remote_code: bool = False,
 ) -> dict:
     """Analyze the splits (keys: train, heldout, general_train, general_heldout) into out_dir.
@@ -553,16 +576,11 @@ def analyze(
     """
     spec = load_tokenizer_json(tokenizer, trust_remote_code)
     check_byte_level_bpe(spec, tokenizer)
-    threading.Thread(target=_import_pyarrow, daemon=True).start()  # needed at the end; load it meanwhile
     try:
         return _analyze(spec, splits, out_dir, exact, chunk_bytes, use_ranks=True)
     except RankMismatch:
         log.warning("tiktoken's merger disagreed with the tokenizer on sampled pre-tokens; analysing again with the tokenizer")
         return _analyze(spec, splits, out_dir, exact, chunk_bytes, use_ranks=False)
-
-
-def _import_pyarrow() -> None:
-    import pyarrow.parquet  # noqa: F401
 
 
 def _analyze(spec: dict, splits: dict[str, Path], out_dir: Path, exact: bool, chunk_bytes: int,
@@ -580,6 +598,12 @@ def _analyze(spec: dict, splits: dict[str, Path], out_dir: Path, exact: bool, ch
         "train_ids.bin", "train_offsets.npy", "train_ids.json",
         "token_frequencies.parquet", "pretokens.parquet", "corpus_stats.json",
     )
+    # Imported before the fork, and not in a thread: a fork while another thread holds the import
+    # lock leaves the helper waiting for it forever.
+    import pyarrow.compute  # noqa: F401
+    import pyarrow.json  # noqa: F401
+    import pyarrow.parquet  # noqa: F401
+
     ctx = mp.get_context("fork")
     with atomic_outputs(*(out_dir / n for n in names)) as paths, ctx.Pool(
         1, initializer=_worker_init, initargs=(spec, tok, exact, use_ranks)
@@ -604,7 +628,7 @@ def _analyze(spec: dict, splits: dict[str, Path], out_dir: Path, exact: bool, ch
             log.info("analyzing %s (%s)", name, path)
             for task in _chunks(path, chunk_bytes, keep):
                 chunk = _index_chunk(task)
-                table.units += len(chunk["units"])
+                table.units += sum(len(texts) for _, texts in chunk["units"])
                 sequence = (str(bin_path), chunk["payload"], chunk["doc_units"]) if keep else None
                 asked.append(pool.apply_async(_resolve_units, (chunk["units"], sequence)))
                 counts[name].add_dense(np.bincount(chunk["payload"]) if keep else chunk["payload"])
@@ -727,8 +751,24 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def _keep_freed_memory() -> None:
+    """Each chunk frees and reallocates buffers of tens of MB; the allocators would hand them back to
+    the OS and fault the pages in again next chunk (a page fault per 4 KiB). Keep them instead: for
+    pyarrow's mimalloc (read when pyarrow loads) and glibc's malloc (numpy)."""
+    os.environ.setdefault("MIMALLOC_PURGE_DELAY", "-1")
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD: the largest glibc allows, so big arrays come from the heap
+        libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD: keep up to 1 GiB of free heap
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    _keep_freed_memory()
     splits = {"train": args.train, "heldout": args.heldout}
     if args.general_train:
         splits["general_train"] = args.general_train

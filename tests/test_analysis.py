@@ -207,9 +207,10 @@ def test_string_numbering_stays_exact_when_hashes_collide(monkeypatch):
     batches = [["a", "b", "a", "법률"], ["b", "c", "법률", ""], ["", "d", "a"]]
     for hashing in (analyze_corpus.hash_strings, lambda texts: np.zeros(len(texts), np.uint64)):
         monkeypatch.setattr(analyze_corpus, "hash_strings", hashing)
-        new: list[str] = []
-        numbering = analyze_corpus.StringNumbering("k", new, [0])
+        noted: list = []
+        numbering = analyze_corpus.StringNumbering("k", noted, [0])
         numbers = [numbering.number(pa.array(batch, pa.string())).tolist() for batch in batches]
+        new = [prefix + text for prefix, texts in noted for text in texts.to_pylist()]
         seen = list(dict.fromkeys(s for batch in batches for s in batch))
         assert sorted(new) == sorted("k" + s for s in seen)
         first = {key[1:]: i for i, key in enumerate(new)}

@@ -141,7 +141,7 @@ def _split(pattern: regex.Pattern, behavior: str, invert: bool) -> Callable[[str
 
     def apply(text: str) -> list[str]:
         if fast_isolated:  # findall is several times faster; exact when the matches cover the text
-            found = pattern.findall(text)
+            found = pattern.findall(text, concurrent=True)  # releases the GIL
             if sum(map(len, found)) == len(text):
                 return found
         segs = parts(text)
@@ -276,7 +276,9 @@ class RankSegmenter:
         self._core = core
         self._rank_to_id = rank_to_id
         self._whole_tokens = whole_tokens
-        self._whole_texts = frozenset(t.decode("utf-8") for t in whole_tokens if _is_utf8(t))
+        import pyarrow as pa
+
+        self._whole_array = pa.array(sorted(t.decode("utf-8") for t in whole_tokens if _is_utf8(t)), pa.string())
         self._hf_tokenize = hf_tokenize
         self._separator_rank = core.encode_single_token(_SEPARATOR.encode())
         buffer = getattr(core, "encode_to_tiktoken_buffer", None)  # tiktoken >= 0.8: no Python list in between
@@ -332,32 +334,36 @@ class RankSegmenter:
         ranks = self._core.encode_single_piece(piece)
         return ranks if self._rank_to_id is None else self._rank_to_id[ranks].tolist()
 
-    def many(self, pieces: list[str]) -> tuple[np.ndarray, np.ndarray]:
-        """Segmentations of many pre-tokens through one call into tiktoken: (lengths, ids back to back)."""
-        whole = self._whole_texts
-        alone = [i for i, p in enumerate(pieces) if p in whole or _SEPARATOR in p]
+    def many(self, pieces) -> tuple[np.ndarray, np.ndarray]:
+        """Segmentations of many pre-tokens (a list or pyarrow array of strings) through one call into
+        tiktoken: (lengths, ids back to back)."""
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        if not isinstance(pieces, (pa.Array, pa.ChunkedArray)):
+            pieces = pa.array(pieces, pa.string())
+        alone = pc.or_(pc.is_in(pieces, value_set=self._whole_array), pc.match_substring(pieces, _SEPARATOR))
+        alone = np.flatnonzero(alone.to_numpy(zero_copy_only=False))
         batch = pieces
-        if alone:
-            skip = set(alone)
-            batch = [p for i, p in enumerate(pieces) if i not in skip]
-        try:
-            ranks = self._encode_all(_SEPARATOR.join(batch))
-        except UnicodeEncodeError:  # lone surrogates (bytes cut inside a character): one by one
-            return ragged([self(p.encode("utf-8", "surrogateescape")) for p in pieces])
+        if len(alone):
+            keep = np.ones(len(pieces), bool)
+            keep[alone] = False
+            batch = pieces.filter(pa.array(keep))
+        joined = pc.binary_join(pa.ListArray.from_arrays(pa.array([0, len(batch)], pa.int32()), batch), _SEPARATOR)
+        ranks = self._encode_all(joined[0].as_py())
         cuts = np.flatnonzero(ranks == self._separator_rank)
         if len(cuts) != max(len(batch) - 1, 0):
             raise AssertionError("tiktoken merged across a separator")
-        lens = np.diff(np.concatenate([[-1], cuts, [len(ranks)]])) - 1 if batch else np.zeros(0, np.int64)
+        lens = np.diff(np.concatenate([[-1], cuts, [len(ranks)]])) - 1 if len(batch) else np.zeros(0, np.int64)
         flat = np.delete(ranks, cuts).astype(np.int64)
         if self._rank_to_id is not None:
             flat = self._rank_to_id[flat]
-        if not alone:
+        if not len(alone):
             return lens, flat
         rest = np.ones(len(pieces), bool)
         rest[alone] = False
-        rest = np.flatnonzero(rest)
-        lone = ragged([self(pieces[i].encode("utf-8")) for i in alone])
-        return interleave([(rest, (lens, flat)), (np.array(alone), lone)], len(pieces))
+        lone = ragged([self(p.encode("utf-8")) for p in pieces.take(pa.array(alone)).to_pylist()])
+        return interleave([(np.flatnonzero(rest), (lens, flat)), (alone, lone)], len(pieces))
 
 
 def _is_utf8(data: bytes) -> bool:
