@@ -177,9 +177,10 @@ class StringNumbering:
         import pyarrow.compute as pc
 
         encoded = pc.dictionary_encode(texts)
-        return self._number_distinct(encoded.dictionary)[encoded.indices.to_numpy()]
+        return self.number_distinct(encoded.dictionary)[encoded.indices.to_numpy()]
 
-    def _number_distinct(self, texts) -> np.ndarray:
+    def number_distinct(self, texts) -> np.ndarray:
+        """Numbers of the strings of a pyarrow string array without repeats."""
         import pyarrow as pa
         import pyarrow.compute as pc
 
@@ -324,12 +325,12 @@ def _units_by_word(docs) -> tuple[np.ndarray, np.ndarray]:
     later = np.ones(len(flat), bool)
     later[firsts] = False
     used = np.flatnonzero(np.bincount(word_of[later], minlength=len(encoded.dictionary)))  # not only first
-    numbers_of_used = _W["units"][WORD]._number_distinct(encoded.dictionary.take(pa.array(used)))
+    numbers_of_used = _W["units"][WORD].number_distinct(encoded.dictionary.take(pa.array(used)))
     numbers = np.full(len(encoded.dictionary), -1, np.int64)
     numbers[used] = numbers_of_used
     numbers = numbers[word_of]
     first_words = pc.dictionary_encode(flat.take(pa.array(firsts)))
-    numbers[firsts] = _W["units"][WHOLE]._number_distinct(first_words.dictionary)[first_words.indices.to_numpy()]
+    numbers[firsts] = _W["units"][WHOLE].number_distinct(first_words.dictionary)[first_words.indices.to_numpy()]
     empty_first = (pc.binary_length(first_words.dictionary).to_numpy() == 0)[first_words.indices.to_numpy()]
     if empty_first.any():
         numbers = np.delete(numbers, firsts[empty_first])
