@@ -38,7 +38,6 @@ from ivr.cli import UserError, atomic_outputs, log, progress, run_main  # noqa: 
 from ivr.tokenization import (  # noqa: E402
     RankSegmenter,
     bytes_to_bytelevel,
-    hash_strings,
     interleave,
     ragged,
     check_byte_level_bpe,
@@ -151,6 +150,28 @@ GUARD_EVERY = 256  # every n-th training document is encoded by the tokenizer it
 _W: dict = {}
 
 
+_HASH_BASE = np.uint64(0x100000001B3 * 2 + 1)
+_HASH_LENGTH = np.uint64(0x9E3779B97F4A7C15)
+
+
+def hash_strings(texts) -> np.ndarray:
+    """A 64-bit polynomial hash of each string of a pyarrow string array, vectorized (equal strings,
+    equal hashes; callers check hits against the strings)."""
+    offsets = np.frombuffer(texts.buffers()[1], np.int32, len(texts) + 1, texts.offset * 4).astype(np.int64)
+    data = texts.buffers()[2]
+    data = np.frombuffer(data, np.uint8) if data is not None else np.zeros(0, np.uint8)
+    lens = np.diff(offsets)
+    starts = offsets[:-1] - offsets[0]
+    powers = np.cumprod(np.full(max(int(lens.max(initial=0)), 1), _HASH_BASE, np.uint64))
+    within = np.arange(int(lens.sum())) - np.repeat(starts, lens)
+    terms = (data[offsets[0] : offsets[-1]].astype(np.uint64) + np.uint64(1)) * powers[within]
+    hashes = np.zeros(len(texts), np.uint64)
+    filled = lens > 0
+    if filled.any():
+        hashes[filled] = np.add.reduceat(terms, starts[filled])
+    return hashes ^ (lens.astype(np.uint64) * _HASH_LENGTH)
+
+
 class RankMismatch(Exception):
     """tiktoken's merger disagreed with the tokenizer on a sampled pre-token."""
 
@@ -228,29 +249,38 @@ class StringNumbering:
         return numbers
 
 
-def _worker_init(spec: dict, tok, exact: bool, use_ranks: bool) -> None:
-    """State of this process or of the helper (which inherits spec and tok through fork)."""
+def _init_common(spec: dict, tok, exact: bool) -> None:
     gc.disable()  # millions of new strings and lists, no reference cycles: the collector only costs time
+    _W["tok"] = tok
+    _W["pretokenize"] = _pretokenizer(spec, tok, exact)
+    _W["added"] = {t["content"]: t["id"] for t in spec.get("added_tokens", []) if t["content"]}
+
+
+def _init_cutter(spec: dict, tok, exact: bool) -> None:
+    """State of this process, which cuts documents into units and numbers them."""
     import regex
 
-    _W["tok"] = tok
+    _init_common(spec, tok, exact)
+    added = _W["added"]
     _W["normalize"] = tok.normalizer.normalize_str if tok.normalizer else None
-    _W["pretokenize"] = _pretokenizer(spec, tok, exact)
     _W["by_word"] = not exact and splits_at_single_spaces(spec)
-    added = {t["content"]: t["id"] for t in spec.get("added_tokens", []) if t["content"]}
-    _W["added"] = added
     _W["added_re"] = regex.compile("(" + "|".join(map(regex.escape, sorted(added, key=len, reverse=True))) + ")")
     literal = ("".join(f"\\x{{{ord(c):x}}}" for c in token) for token in added)
     _W["not_by_word_re2"] = "|".join([_SPACE_IN_WHITESPACE_RE2, *literal])  # documents cut in Python instead
-    _W["segmenter"] = RankSegmenter.build(spec, _hf_segment) if use_ranks and not exact else None
     new: list = []  # (kind, pyarrow array) batches of the units numbered since it was last cleared
     _W["new"] = new
     units_seen = [0]
     _W["units"] = {kind: StringNumbering(kind, new, units_seen) for kind in (SPECIAL, WORD, WHOLE, PIECE)}
+
+
+def _init_resolver(spec: dict, tok, exact: bool, use_ranks: bool) -> None:
+    """State of the helper (spec and tok inherited through fork), which resolves units into ids."""
+    _init_common(spec, tok, exact)
+    _W["segmenter"] = RankSegmenter.build(spec, _hf_segment) if use_ranks and not exact else None
     _W["new_pieces"] = []
+    _W["pieces"] = StringNumbering("", _W["new_pieces"], [0])
     _W["piece_tokens"] = GrowingRagged()  # piece number -> its base ids
     _W["unit_tokens"] = GrowingRagged(ids_dtype(tok.get_vocab_size(with_added_tokens=True)))  # unit -> ids
-    _W["pieces"] = StringNumbering("", _W["new_pieces"], [0])
     _W["writer"], _W["writes"], _W["helper"] = ThreadPoolExecutor(1), [], ThreadPoolExecutor(1)
 
 
@@ -607,9 +637,9 @@ def _analyze(spec: dict, splits: dict[str, Path], out_dir: Path, exact: bool, ch
 
     ctx = mp.get_context("fork")
     with atomic_outputs(*(out_dir / n for n in names)) as paths, ctx.Pool(
-        1, initializer=_worker_init, initargs=(spec, tok, exact, use_ranks)
+        1, initializer=_init_resolver, initargs=(spec, tok, exact, use_ranks)
     ) as pool:
-        _worker_init(spec, tok, exact, use_ranks=False)  # this process cuts and numbers units; the pool's resolves them
+        _init_cutter(spec, tok, exact)
         bin_path, offsets_path, meta_path, freq_path, pretokens_path, stats_path = paths
         bin_path.write_bytes(b"")  # the helper appends the training split's ids, chunk by chunk
         sample: list[tuple[int, list[int]]] = []

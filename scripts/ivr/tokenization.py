@@ -392,24 +392,3 @@ def interleave(sources: list[tuple[np.ndarray, tuple[np.ndarray, np.ndarray]]], 
         flat[np.repeat(starts[rows] - within, row_lens) + np.arange(len(values))] = values
     return lens, flat
 
-
-_HASH_BASE = np.uint64(0x100000001B3 * 2 + 1)
-_HASH_LENGTH = np.uint64(0x9E3779B97F4A7C15)
-
-
-def hash_strings(texts) -> np.ndarray:
-    """A 64-bit polynomial hash of each string of a pyarrow string array, vectorized (equal strings,
-    equal hashes; callers check hits against the strings)."""
-    offsets = np.frombuffer(texts.buffers()[1], np.int32, len(texts) + 1, texts.offset * 4).astype(np.int64)
-    data = texts.buffers()[2]
-    data = np.frombuffer(data, np.uint8) if data is not None else np.zeros(0, np.uint8)
-    lens = np.diff(offsets)
-    starts = offsets[:-1] - offsets[0]
-    powers = np.cumprod(np.full(max(int(lens.max(initial=0)), 1), _HASH_BASE, np.uint64))
-    within = np.arange(int(lens.sum())) - np.repeat(starts, lens)
-    terms = (data[offsets[0] : offsets[-1]].astype(np.uint64) + np.uint64(1)) * powers[within]
-    hashes = np.zeros(len(texts), np.uint64)
-    filled = lens > 0
-    if filled.any():
-        hashes[filled] = np.add.reduceat(terms, starts[filled])
-    return hashes ^ (lens.astype(np.uint64) * _HASH_LENGTH)
