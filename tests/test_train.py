@@ -337,3 +337,37 @@ def test_chunked_loss_matches_full_cross_entropy():
     assert torch.allclose(loss * scale, full, atol=1e-5)
     assert torch.allclose(g_h, grads[0], atol=1e-6) and torch.allclose(g_w[:300], grads[1], atol=1e-6)
     assert not g_w[300:].any()
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_compiled_blocks_leave_attention_causal_without_a_dense_mask(monkeypatch, family):
+    """Compiled whole, the model would hand SDPA a dense causal mask (twice attention's work on GPU)."""
+    from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
+
+    config = (GPT2Config(n_layer=2, n_embd=32, n_head=2, n_positions=32, vocab_size=100) if family == "gpt2" else
+              LlamaConfig(num_hidden_layers=2, hidden_size=32, intermediate_size=64, num_attention_heads=2,
+                          num_key_value_heads=1, vocab_size=100))
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").eval()
+    loss_model = train_sft.CausalLMLoss(model, chunk_tokens=64)
+    ids = torch.randint(0, 100, (2, 16))
+    eager_loss = loss_model(ids, ids)
+    calls = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(*args, attn_mask=None, is_causal=False, **kwargs):
+        calls.append((attn_mask is None, is_causal))
+        return sdpa(*args, attn_mask=attn_mask, is_causal=is_causal, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    monkeypatch.setattr(train_sft, "_chunk_fn", train_sft._chunk_fn)  # enable_compile replaces it
+    torch._dynamo.reset()
+    try:
+        regions = train_sft.compiled_regions(model)
+        assert len(regions) == 2 and all(r in list(model.base_model.modules()) for r in regions)
+        train_sft.enable_compile(loss_model)
+        compiled_loss = loss_model(ids, ids)
+    finally:
+        torch._dynamo.reset()
+    assert calls and all(no_mask and causal for no_mask, causal in calls)
+    assert torch.allclose(compiled_loss, eager_loss, atol=1e-4)
