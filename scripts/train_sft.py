@@ -756,6 +756,9 @@ def configure_deepspeed(config: dict, settings: dict) -> None:
     """Clipping from the settings; under ZeRO-1/2 the gradient reduction overlapped with the backward
     pass in buckets small enough to overlap (DeepSpeed's defaults reduce once, after the backward)."""
     config["gradient_clipping"] = settings["grad_clip"]
+    # bf16 needs no loss scaling, so DeepSpeed's per-step scan of every gradient for inf/NaN (a loop of
+    # small kernels, an all-reduce and a wait for the GPU) buys nothing the single-GPU path has.
+    config.setdefault("bf16", {}).setdefault("check_grad_overflow", False)
     zero = config.setdefault("zero_optimization", {})
     if zero.get("stage", 0) <= 2:
         for key, value in (("overlap_comm", True), ("contiguous_gradients", True),

@@ -371,3 +371,15 @@ def test_compiled_blocks_leave_attention_causal_without_a_dense_mask(monkeypatch
         torch._dynamo.reset()
     assert calls and all(no_mask and causal for no_mask, causal in calls)
     assert torch.allclose(compiled_loss, eager_loss, atol=1e-4)
+
+
+def test_deepspeed_config_drops_the_bf16_overflow_scan_unless_the_user_set_it():
+    settings = {"grad_clip": 1.0}
+    config = {"bf16": {"enabled": True}, "zero_optimization": {"stage": 2, "reduce_bucket_size": "auto"}}
+    train_sft.configure_deepspeed(config, settings)
+    assert config["bf16"] == {"enabled": True, "check_grad_overflow": False}
+    assert config["gradient_clipping"] == 1.0 and config["zero_optimization"]["reduce_bucket_size"] == 50_000_000
+    mine = {"bf16": {"enabled": True, "check_grad_overflow": True}, "zero_optimization": {"stage": 2,
+                                                                                        "overlap_comm": False}}
+    train_sft.configure_deepspeed(mine, settings)
+    assert mine["bf16"]["check_grad_overflow"] is True and mine["zero_optimization"]["overlap_comm"] is False
