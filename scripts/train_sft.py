@@ -753,8 +753,9 @@ def prepare_stage(accelerator, stage: Stage, model, loader, settings: dict, num_
 
 
 def configure_deepspeed(config: dict, settings: dict) -> None:
-    """Clipping from the settings; under ZeRO-1/2 the gradient reduction overlapped with the backward
-    pass in buckets small enough to overlap (DeepSpeed's defaults reduce once, after the backward)."""
+    """Clipping from the settings; no bf16 overflow scan; under ZeRO-1/2 the gradient reduction
+    overlapped with the backward pass in buckets small enough to overlap (DeepSpeed's defaults reduce
+    once, after the backward). Values the user's config sets are kept."""
     config["gradient_clipping"] = settings["grad_clip"]
     # bf16 needs no loss scaling, so DeepSpeed's per-step scan of every gradient for inf/NaN (a loop of
     # small kernels, an all-reduce and a wait for the GPU) buys nothing the single-GPU path has.

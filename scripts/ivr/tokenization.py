@@ -343,12 +343,8 @@ class RankSegmenter:
         if not isinstance(pieces, (pa.Array, pa.ChunkedArray)):
             pieces = pa.array(pieces, pa.string())
         alone = pc.or_(pc.is_in(pieces, value_set=self._whole_array), pc.match_substring(pieces, _SEPARATOR))
-        alone = np.flatnonzero(alone.to_numpy(zero_copy_only=False))
-        batch = pieces
-        if len(alone):
-            keep = np.ones(len(pieces), bool)
-            keep[alone] = False
-            batch = pieces.filter(pa.array(keep))
+        alone = alone.to_numpy(zero_copy_only=False)
+        batch = pieces.filter(pa.array(~alone)) if alone.any() else pieces
         joined = pc.binary_join(pa.ListArray.from_arrays(pa.array([0, len(batch)], pa.int32()), batch), _SEPARATOR)
         ranks = self._encode_all(joined[0].as_py())
         cuts = np.flatnonzero(ranks == self._separator_rank)
@@ -358,12 +354,10 @@ class RankSegmenter:
         flat = np.delete(ranks, cuts).astype(np.int64)
         if self._rank_to_id is not None:
             flat = self._rank_to_id[flat]
-        if not len(alone):
+        if not alone.any():
             return lens, flat
-        rest = np.ones(len(pieces), bool)
-        rest[alone] = False
-        lone = ragged([self(p.encode("utf-8")) for p in pieces.take(pa.array(alone)).to_pylist()])
-        return interleave([(np.flatnonzero(rest), (lens, flat)), (alone, lone)], len(pieces))
+        lone = ragged([self(p.encode("utf-8")) for p in pieces.filter(pa.array(alone)).to_pylist()])
+        return interleave([(np.flatnonzero(~alone), (lens, flat)), (np.flatnonzero(alone), lone)], len(pieces))
 
 
 def _is_utf8(data: bytes) -> bool:
