@@ -38,7 +38,12 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 
-import train_sft as T  # noqa: E402
+from ivr.held_rows import full_fp32, full_state  # noqa: E402
+from ivr.modeling import embedding_weights, load_weights  # noqa: E402
+from ivr.packed_data import IGNORE, IndexSampler  # noqa: E402
+from ivr.stages import Rules, Stage, plan_stages  # noqa: E402
+from ivr.train_settings import resolve_settings  # noqa: E402
+from ivr.trainer import make_accelerator, optimizer_step, prepare_stage, set_trainable, whole_models  # noqa: E402
 
 PEAK_FLOPS = 989e12
 SEQ = 1024  # --seq changes it (small values only make sense for a CPU smoke test)
@@ -91,7 +96,7 @@ class RandomBlocks(torch.utils.data.Dataset):
         ids = self.ids[index]
         if self.hf:
             return {"input_ids": ids, "labels": ids}
-        targets = torch.full_like(ids, T.IGNORE)
+        targets = torch.full_like(ids, IGNORE)
         targets[:-1] = ids[1:]
         return {"input_ids": ids, "targets": targets}
 
@@ -123,22 +128,22 @@ def prefer_attention(name: str) -> None:
 
 def run_ours(args) -> None:
     prefer_attention(args.attention)
-    settings = T.resolve_settings({}, [f"micro_batch_size={args.batch}", f"compile={str(args.compile).lower()}",
+    settings = resolve_settings({}, [f"micro_batch_size={args.batch}", f"compile={str(args.compile).lower()}",
                                        f"loss_chunk_tokens={args.chunk}", "weight_decay=0.1", "warmup_share=0"],
                                   validate=False)
-    accelerator = T.make_accelerator(settings)
-    with T.whole_models(accelerator):
+    accelerator = make_accelerator(settings)
+    with whole_models(accelerator):
         model = build_model(args.model)
     flops = flops_per_token(model, SEQ)
     rows = model.get_input_embeddings().weight.shape[0]
     total = args.warmup + args.steps
-    stage = T.Stage(2, "full", 0, total, settings["lr"], np.arange(rows), np.zeros(0, np.int64))
-    model = T.set_trainable(model, stage, settings)
+    stage = Stage(2, "full", 0, total, settings["lr"], np.arange(rows), np.zeros(0, np.int64))
+    model = set_trainable(model, stage, settings)
     world = accelerator.num_processes
     dataset = RandomBlocks(total * args.batch * world, rows, SEQ)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch, sampler=T.IndexSampler(np.arange(len(dataset))),
+    loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch, sampler=IndexSampler(np.arange(len(dataset))),
                                          pin_memory=True)
-    prepared = T.prepare_stage(accelerator, stage, model, loader, settings, rows, args.compile_mode)
+    prepared = prepare_stage(accelerator, stage, model, loader, settings, rows, args.compile_mode)
     prepared.loss_model.train()
     batches = iter(prepared.loader)
     for step in range(total):
@@ -146,7 +151,7 @@ def run_ours(args) -> None:
             sync()
             accelerator.wait_for_everyone()
             started = time.perf_counter()
-        losses, _ = T.optimizer_step(accelerator, prepared, batches, 1, settings["grad_clip"])
+        losses, _ = optimizer_step(accelerator, prepared, batches, 1, settings["grad_clip"])
         prepared.scheduler.step()
     sync()
     accelerator.wait_for_everyone()
@@ -187,42 +192,42 @@ def run_hf(args) -> None:
 
 
 def run_frozen(args) -> None:
-    settings = T.resolve_settings({}, ["micro_batch_size=4", "weight_decay=0.1", "lr=1e-3", "stage1_lr=1e-3",
+    settings = resolve_settings({}, ["micro_batch_size=4", "weight_decay=0.1", "lr=1e-3", "stage1_lr=1e-3",
                                        "warmup_share=0", "stage1_share=0.5", "stage2=full", "compile=false",
                                        f"loss_chunk_tokens={args.chunk}"], validate=False)
-    accelerator = T.make_accelerator(settings)
+    accelerator = make_accelerator(settings)
     rows = model_config(args.model).vocab_size
     special = rows - 1
     learn = np.setdiff1d(np.random.default_rng(0).choice(rows, 2000, replace=False), [special])
-    rules = T.Rules(np.union1d(learn, [special]), np.array([special]))
-    stages = T.plan_stages(settings, 2 * args.steps, rows, rules)
+    rules = Rules(np.union1d(learn, [special]), np.array([special]))
+    stages = plan_stages(settings, 2 * args.steps, rows, rules)
     world = accelerator.num_processes
     weights, prepared = None, None
     for stage in stages:
         if prepared is not None:
-            weights = T.full_state(accelerator, prepared.loss_model, prepared.originals)
+            weights = full_state(accelerator, prepared.loss_model, prepared.originals)
             prepared = None
             accelerator.free_memory()
-        with T.whole_models(accelerator):
+        with whole_models(accelerator):
             model = build_model(args.model, args.untied)
         if weights is not None:
-            T.load_weights(model, weights)
-        model = T.set_trainable(model, stage, settings)
+            load_weights(model, weights)
+        model = set_trainable(model, stage, settings)
         dataset = RandomBlocks(stage.steps * settings["micro_batch_size"] * world, rows, SEQ)
         loader = torch.utils.data.DataLoader(dataset, batch_size=settings["micro_batch_size"],
-                                             sampler=T.IndexSampler(np.arange(len(dataset))))
-        prepared = T.prepare_stage(accelerator, stage, model, loader, settings, rows)
+                                             sampler=IndexSampler(np.arange(len(dataset))))
+        prepared = prepare_stage(accelerator, stage, model, loader, settings, rows)
         prepared.guard.after_prepare(accelerator, prepared.loss_model)
-        emb = T.embedding_weights(accelerator.unwrap_model(prepared.loss_model).model)[0]
+        emb = embedding_weights(accelerator.unwrap_model(prepared.loss_model).model)[0]
         watch = torch.from_numpy(stage.learn_rows[:4096])
-        before = T.full_fp32(accelerator, emb)[watch.to(accelerator.device)].float().clone()
+        before = full_fp32(accelerator, emb)[watch.to(accelerator.device)].float().clone()
         prepared.loss_model.train()
         batches = iter(prepared.loader)
         for _ in range(stage.steps):
-            T.optimizer_step(accelerator, prepared, batches, 1, settings["grad_clip"])
+            optimizer_step(accelerator, prepared, batches, 1, settings["grad_clip"])
             prepared.scheduler.step()
         held = prepared.guard.max_change(accelerator)
-        moved = float((T.full_fp32(accelerator, emb)[watch.to(accelerator.device)].float() - before).abs().max())
+        moved = float((full_fp32(accelerator, emb)[watch.to(accelerator.device)].float() - before).abs().max())
         if accelerator.is_main_process:
             plugin = accelerator.state.deepspeed_plugin
             kind = f"{accelerator.distributed_type.name}" + (f" ZeRO-{plugin.zero_stage}" if plugin else "")

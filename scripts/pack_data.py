@@ -33,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from ivr.cli import UserError, atomic_outputs, log, progress, run_main  # noqa: E402
 from ivr.corpus import iter_jsonl_texts  # noqa: E402
 from ivr.modeling import load_tokenizer  # noqa: E402
+from ivr.packed_data import interleave, pack_examples, pack_stream  # noqa: E402
 
 BATCH_DOCUMENTS = 256
 
@@ -75,21 +76,6 @@ def encode_all(tok, texts: list[str], what: str) -> list[np.ndarray]:
     return out
 
 
-def pack_stream(docs: list[np.ndarray], eos_id: int, pad_id: int, block_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Documents joined with EOS after each, cut into blocks; the tail block is padded (mask 0)."""
-    length = sum(len(d) + 1 for d in docs)
-    blocks = -(-length // block_size)
-    ids = np.full(blocks * block_size, pad_id, dtype=np.int64)
-    mask = np.zeros(blocks * block_size, dtype=np.uint8)
-    at = 0
-    for doc in docs:
-        ids[at : at + len(doc)] = doc
-        ids[at + len(doc)] = eos_id
-        at += len(doc) + 1
-    mask[:length] = 1
-    return ids.reshape(blocks, block_size), mask.reshape(blocks, block_size)
-
-
 def render_examples(records: list[dict], template_tok) -> list[tuple[str, str]]:
     """(prompt, completion) texts: through the chat template when there is one, else as given."""
     out = []
@@ -106,52 +92,6 @@ def render_examples(records: list[dict], template_tok) -> list[tuple[str, str]]:
                             "so the prompt cannot be masked out of the labels")
         out.append((head, full[len(head) :]))
     return out
-
-
-def pack_examples(prompts: list[np.ndarray], completions: list[np.ndarray], pad_id: int,
-                  block_size: int) -> tuple[np.ndarray, np.ndarray, dict]:
-    """Whole examples packed in order into padded blocks; labels (mask 1) only on completions.
-
-    An example longer than a block is cut at the block end; one whose prompt fills the block is
-    skipped, as it would teach nothing.
-    """
-    rows_ids: list[np.ndarray] = []
-    rows_mask: list[np.ndarray] = []
-    ids = np.full(block_size, pad_id, dtype=np.int64)
-    mask = np.zeros(block_size, dtype=np.uint8)
-    used = truncated = skipped = tokens = 0
-    for prompt, completion in zip(prompts, completions):
-        if len(prompt) >= block_size:
-            skipped += 1
-            continue
-        example = np.concatenate([prompt, completion]).astype(np.int64)
-        labels = np.concatenate([np.zeros(len(prompt), np.uint8), np.ones(len(completion), np.uint8)])
-        if len(example) > block_size:
-            example, labels = example[:block_size], labels[:block_size]
-            truncated += 1
-        if used + len(example) > block_size:
-            rows_ids.append(ids)
-            rows_mask.append(mask)
-            ids = np.full(block_size, pad_id, dtype=np.int64)
-            mask = np.zeros(block_size, dtype=np.uint8)
-            used = 0
-        ids[used : used + len(example)] = example
-        mask[used : used + len(example)] = labels
-        used += len(example)
-        tokens += len(example)
-    if used:
-        rows_ids.append(ids)
-        rows_mask.append(mask)
-    shape = (len(rows_ids), block_size)
-    stack = (lambda rows, dt: np.stack(rows) if rows else np.zeros(shape, dt))
-    counts = {"truncated": truncated, "skipped": skipped, "tokens": tokens}
-    return stack(rows_ids, np.int64), stack(rows_mask, np.uint8), counts
-
-
-def interleave(first: int, second: int) -> np.ndarray:
-    """Order of first+second blocks that spreads the second kind evenly through the first."""
-    keys = np.concatenate([(np.arange(first) + 0.5) / max(first, 1), (np.arange(second) + 0.5) / max(second, 1)])
-    return np.argsort(keys, kind="stable")
 
 
 def read_examples(path: str) -> list[dict]:

@@ -21,7 +21,8 @@ from safetensors.torch import load_file
 from conftest import ROOT
 
 import pack_data
-import train_sft
+from ivr import loss as ivr_loss, trainer
+from ivr.packed_data import PackedBlocks
 
 SCRIPT = ROOT / "scripts" / "train_sft.py"
 EOS = 50256
@@ -104,7 +105,7 @@ def test_documents_are_joined_by_eos_and_the_tail_block_is_padded(tmp_path, tiny
     docs = ["첫 번째 법안입니다.", "Second document, in English.", "세 번째"]
     train = write_jsonl(tmp_path / "train.jsonl", [{"text": d} for d in docs])
     meta = pack(tiny_gpt2_dir, tmp_path / "data", train, "--block-size", "16", "--seed", "7")
-    data = train_sft.PackedBlocks(tmp_path / "data")
+    data = PackedBlocks(tmp_path / "data")
     ids = np.asarray(data.ids).reshape(-1)
     mask = np.asarray(data.mask).reshape(-1)
     real = ids[mask == 1]
@@ -130,7 +131,7 @@ def test_padding_is_no_label_while_real_eos_is_when_pad_equals_eos(tmp_path, tin
     train = write_jsonl(tmp_path / "train.jsonl", [{"text": "짧은 문서"}])
     meta = pack(tmp_path / "tok", tmp_path / "data", train, "--block-size", "32")
     assert meta["pad_is_eos"] and meta["pad_id"] == EOS
-    sample = train_sft.PackedBlocks(tmp_path / "data")[0]
+    sample = PackedBlocks(tmp_path / "data")[0]
     ids, targets = sample["input_ids"], sample["targets"]
     n = meta["tokens"]  # the document and its EOS; the rest of the block is padding (also id EOS)
     assert ids[n - 1] == EOS and (ids[n:] == EOS).all()
@@ -156,7 +157,7 @@ def test_prompt_is_masked_and_the_chat_template_is_used(tmp_path, tiny_gpt2_dir)
         meta = pack(tiny_gpt2_dir, out, train, "--block-size", "128", "--sft", str(sft),
                     "--chat-template-from", str(source))
         assert meta["sft"]["examples"] == 2 and meta["sft"]["chat_template"] is expect_template
-        data = train_sft.PackedBlocks(out)
+        data = PackedBlocks(out)
         sft_rows = [i for i in range(len(data)) if "Summarise." in tok.decode(np.asarray(data.ids[i]))]
         assert len(sft_rows) == 1  # both examples fit one block, which is padded
         labelled = "".join(tok.decode(np.asarray(data.ids[i])[np.asarray(data.mask[i]) == 1]) for i in sft_rows)
@@ -313,8 +314,8 @@ def test_a_changed_setting_starts_fresh_instead_of_resuming(tmp_path, tiny_gpt2_
 
 
 def test_first_loss_far_above_uniform_is_named():
-    assert train_sft.first_loss_warning(10.0, 50257) is None
-    warning = train_sft.first_loss_warning(14.0, 50257)
+    assert trainer.first_loss_warning(10.0, 50257) is None
+    warning = trainer.first_loss_warning(14.0, 50257)
     assert "ln(vocab)" in warning and "padding" in warning and "initialisation" in warning
 
 
@@ -326,14 +327,14 @@ def test_chunked_loss_matches_full_cross_entropy():
     targets[::4] = -100
     full = torch.nn.functional.cross_entropy(hidden @ weight.t(), targets, ignore_index=-100)
     grads = torch.autograd.grad(full, (hidden, weight))
-    chunked = train_sft.linear_cross_entropy(hidden, weight, targets, chunk_tokens=7)
+    chunked = ivr_loss.linear_cross_entropy(hidden, weight, targets, chunk_tokens=7)
     mine = torch.autograd.grad(chunked, (hidden, weight))
     assert torch.allclose(chunked, full, atol=1e-5)
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(mine, grads))
     # the vocabulary padding used on GPU: padded rows get no probability and no gradient
     padded = torch.nn.functional.pad(weight.detach(), (0, 0, 0, 20))
     scale = 1 / (targets != -100).sum()
-    loss, g_h, g_w = train_sft._chunk_loss_and_grads(hidden.detach(), padded, targets, scale, 300)
+    loss, g_h, g_w = ivr_loss._chunk_loss_and_grads(hidden.detach(), padded, targets, scale, 300)
     assert torch.allclose(loss * scale, full, atol=1e-5)
     assert torch.allclose(g_h, grads[0], atol=1e-6) and torch.allclose(g_w[:300], grads[1], atol=1e-6)
     assert not g_w[300:].any()
@@ -349,7 +350,7 @@ def test_compiled_blocks_leave_attention_causal_without_a_dense_mask(monkeypatch
                           num_key_value_heads=1, vocab_size=100))
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").eval()
-    loss_model = train_sft.CausalLMLoss(model, chunk_tokens=64)
+    loss_model = ivr_loss.CausalLMLoss(model, chunk_tokens=64)
     ids = torch.randint(0, 100, (2, 16))
     eager_loss = loss_model(ids, ids)
     calls = []
@@ -360,12 +361,12 @@ def test_compiled_blocks_leave_attention_causal_without_a_dense_mask(monkeypatch
         return sdpa(*args, attn_mask=attn_mask, is_causal=is_causal, **kwargs)
 
     monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
-    monkeypatch.setattr(train_sft, "_chunk_fn", train_sft._chunk_fn)  # enable_compile replaces it
+    monkeypatch.setattr(ivr_loss, "_chunk_fn", ivr_loss._chunk_fn)  # enable_compile replaces it
     torch._dynamo.reset()
     try:
-        regions = train_sft.compiled_regions(model)
+        regions = ivr_loss.compiled_regions(model)
         assert len(regions) == 2 and all(r in list(model.base_model.modules()) for r in regions)
-        train_sft.enable_compile(loss_model)
+        ivr_loss.enable_compile(loss_model)
         compiled_loss = loss_model(ids, ids)
     finally:
         torch._dynamo.reset()
@@ -376,10 +377,10 @@ def test_compiled_blocks_leave_attention_causal_without_a_dense_mask(monkeypatch
 def test_deepspeed_config_drops_the_bf16_overflow_scan_unless_the_user_set_it():
     settings = {"grad_clip": 1.0}
     config = {"bf16": {"enabled": True}, "zero_optimization": {"stage": 2, "reduce_bucket_size": "auto"}}
-    train_sft.configure_deepspeed(config, settings)
+    trainer.configure_deepspeed(config, settings)
     assert config["bf16"] == {"enabled": True, "check_grad_overflow": False}
     assert config["gradient_clipping"] == 1.0 and config["zero_optimization"]["reduce_bucket_size"] == 50_000_000
     mine = {"bf16": {"enabled": True, "check_grad_overflow": True}, "zero_optimization": {"stage": 2,
                                                                                         "overlap_comm": False}}
-    train_sft.configure_deepspeed(mine, settings)
+    trainer.configure_deepspeed(mine, settings)
     assert mine["bf16"]["check_grad_overflow"] is True and mine["zero_optimization"]["overlap_comm"] is False

@@ -140,3 +140,20 @@ def set_embedding_matrices(model: torch.nn.Module, input_matrix: torch.Tensor, o
             raise UserError(f"output embeddings of shape {tuple(output_matrix.shape)}; the model has {(layout.rows, layout.dim)}")
         head = model.get_output_embeddings().weight
         head.copy_(output_matrix.to(head.dtype))
+
+
+def embedding_weights(model) -> list[torch.nn.Parameter]:
+    """The input embedding matrix and, when not tied to it, the output head's."""
+    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    emb = lm.get_input_embeddings().weight
+    head = lm.get_output_embeddings().weight
+    return [emb] if head is emb else [emb, head]
+
+
+def load_weights(model, state: dict[str, torch.Tensor]) -> None:
+    """Load a state from full_state(); only the duplicate names of tied weights may be missing."""
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = set(dict(model.named_parameters(remove_duplicate=False))) - set(dict(model.named_parameters()))
+    if unexpected or set(missing) - tied:
+        raise RuntimeError(f"state does not fit the model: missing {sorted(set(missing) - tied)[:5]}, "
+                           f"unexpected {sorted(unexpected)[:5]}")

@@ -1,0 +1,56 @@
+"""The training settings: the `training:` section of the workflow config, with schema defaults and
+--set overrides (scripts/train_sft.py, bench/train_throughput.py)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import yaml
+
+from ivr.cli import UserError
+from ivr.config import SCHEMA, fill_defaults, validate_config
+
+
+def parse_value(text: str):
+    """A --set value: JSON first (so 1e-3 is a number, which YAML 1.1 reads as a string), else YAML."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return yaml.safe_load(text)
+
+
+def resolve_settings(raw: dict | None, overrides: list[str] = (), validate: bool = True) -> dict:
+    """The training settings with schema defaults filled in; --set KEY=VALUE (dotted keys) applied first."""
+    raw = json.loads(json.dumps(raw or {}))
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise UserError(f"--set {item}: expected KEY=VALUE")
+        node = raw
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = parse_value(value)
+    if not validate:  # the GPU benchmark runs where jsonschema may be missing: defaults only
+        schema = yaml.safe_load(SCHEMA.read_text())
+        config = {"training": raw}
+        fill_defaults(config, schema, schema)
+        return config["training"]
+    return validate_config({"training": raw}, source="training settings")["training"]
+
+
+def read_settings_arg(value: str | None) -> dict:
+    """--settings: inline JSON (what the rule passes), or a YAML/JSON file whose training: section is used."""
+    if not value:
+        return {}
+    if value.lstrip().startswith("{"):
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError as err:
+            raise UserError(f"--settings: not valid JSON ({err.msg})") from None
+    path = Path(value)
+    if not path.is_file():
+        raise UserError(f"--settings {value}: no such file")
+    data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    return data.get("training", data) if isinstance(data, dict) else {}
