@@ -1,5 +1,7 @@
 # Helpers shared by the rules: validated config, script paths, where inputs come from.
+import json
 import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -101,11 +103,59 @@ def local_inputs(*names):
     return sorted(set(out))
 
 
-# ---- fine-tuning (rules/train.smk) ----
-import json
-import shlex
+# ---- reassignment (rules/select_candidates.smk, rules/remap_tokenizer.smk) ----
+def select_inputs(wildcards):
+    inputs = {
+        "pretokens": "results/analysis/pretokens.parquet",
+        "frequencies": "results/analysis/token_frequencies.parquet",
+        "base": local_inputs(base_tokenizer(), base_model()),
+    }
+    if config["ivr"]["rules_file"]:
+        inputs["rules_file"] = config["ivr"]["rules_file"]
+    return inputs
 
 
+def select_args(wildcards, input):
+    """Selection's choices: protected ids, named special tokens, or a user's rules file."""
+    ivr = config["ivr"]
+    args = ["--protected-ids", " ".join(map(str, ivr["protected_ids"]))]
+    if ivr["special_tokens"]:
+        args += ["--special-tokens", json.dumps(ivr["special_tokens"], sort_keys=True)]
+    if ivr["rules_file"]:
+        args += ["--rules-file", input.rules_file]
+    return " ".join(shlex.quote(str(a)) for a in args)
+
+
+def remap_inputs(wildcards):
+    inputs = {
+        "rules": "results/remap/remap_rules.yaml",
+        "candidates": "results/remap/candidates.tsv",
+        "pretokens": "results/analysis/pretokens.parquet",
+        "heldout": "results/corpus/domain/heldout.jsonl",
+        "base": local_inputs(base_tokenizer()),
+        "eval_texts": sorted(
+            {asset_folder(p) for t in config["ivr"]["eval_texts"] for p in t["paths"]}
+        ),
+    }
+    if has_general():
+        inputs["general_heldout"] = "results/corpus/general/heldout.jsonl"
+    if config["ivr"]["backend"] == "unigram":
+        inputs["distilled"] = "results/tokenizer/distilled"
+    return inputs
+
+
+def remap_args(wildcards, input):
+    args = []
+    if "distilled" in input.keys():
+        args += ["--distilled", input.distilled]
+    if "general_heldout" in input.keys():
+        args += ["--general-heldout", input.general_heldout]
+    for texts in config["ivr"]["eval_texts"]:
+        args += ["--extra", f"{texts['name']}={','.join(texts['paths'])}"]
+    return " ".join(shlex.quote(str(a)) for a in args)
+
+
+# ---- fine-tuning (rules/pack_data.smk, rules/train_sft.smk) ----
 wildcard_constraints:
     branch="ivr|control",
     trained="sft|control",
@@ -123,13 +173,6 @@ def branch_model_inputs(branch):
 
 def trained_branch(wildcards):
     return "ivr" if wildcards.trained == "sft" else "control"
-
-
-def trained_models():
-    """The fine-tuned models the configuration asks for (the control only when training.control is on)."""
-    return ["results/model/sft"] + (
-        ["results/model/control"] if config["training"]["control"] else []
-    )
 
 
 def uses_general():
@@ -182,7 +225,7 @@ def accelerate_config():
     return str(Path(workflow.basedir) / "config" / "accelerate" / f"{name}.yaml")
 
 
-# ---- validation and the final model (rules/validate.smk) ----
+# ---- validation and the final model (rules/validate.smk, rules/finalize_model.smk) ----
 def validate_inputs(wildcards):
     inputs = {
         "heldout": "results/corpus/domain/heldout.jsonl",
@@ -196,7 +239,7 @@ def validate_inputs(wildcards):
     if config["training"]["control"]:
         inputs["control"] = "results/model/control"
     if config["ivr"]["backend"] == "unigram":
-        inputs["fidelity"] = "results/tokenizer/distilled/fidelity.json"
+        inputs["fidelity"] = "results/tokenizer/fidelity.json"
     return inputs
 
 
@@ -221,59 +264,3 @@ def final_model_checksummed_inputs():
     if Path(config["base_model"]).exists():
         paths.append(config["base_model"])
     return paths
-
-
-# ---- reassignment (rules/remap.smk) ----
-import json
-import shlex
-
-
-def select_inputs(wildcards):
-    inputs = {
-        "pretokens": "results/analysis/pretokens.parquet",
-        "frequencies": "results/analysis/token_frequencies.parquet",
-        "base": local_inputs(base_tokenizer(), base_model()),
-    }
-    if config["ivr"]["rules_file"]:
-        inputs["rules_file"] = config["ivr"]["rules_file"]
-    return inputs
-
-
-def select_args(wildcards, input):
-    """Selection's choices: protected ids, named special tokens, or a user's rules file."""
-    ivr = config["ivr"]
-    args = ["--protected-ids", " ".join(map(str, ivr["protected_ids"]))]
-    if ivr["special_tokens"]:
-        args += ["--special-tokens", json.dumps(ivr["special_tokens"], sort_keys=True)]
-    if ivr["rules_file"]:
-        args += ["--rules-file", input.rules_file]
-    return " ".join(shlex.quote(str(a)) for a in args)
-
-
-def remap_inputs(wildcards):
-    inputs = {
-        "rules": "results/remap/remap_rules.yaml",
-        "candidates": "results/remap/candidates.tsv",
-        "pretokens": "results/analysis/pretokens.parquet",
-        "heldout": "results/corpus/domain/heldout.jsonl",
-        "base": local_inputs(base_tokenizer()),
-        "eval_texts": sorted(
-            {asset_folder(p) for t in config["ivr"]["eval_texts"] for p in t["paths"]}
-        ),
-    }
-    if has_general():
-        inputs["general_heldout"] = "results/corpus/general/heldout.jsonl"
-    if config["ivr"]["backend"] == "unigram":
-        inputs["distilled"] = "results/tokenizer/distilled"
-    return inputs
-
-
-def remap_args(wildcards, input):
-    args = []
-    if "distilled" in input.keys():
-        args += ["--distilled", input.distilled]
-    if "general_heldout" in input.keys():
-        args += ["--general-heldout", input.general_heldout]
-    for texts in config["ivr"]["eval_texts"]:
-        args += ["--extra", f"{texts['name']}={','.join(texts['paths'])}"]
-    return " ".join(shlex.quote(str(a)) for a in args)

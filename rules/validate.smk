@@ -1,4 +1,4 @@
-# Stages 7 and 8: the validation report on held-out text, then results/final_model when the gates pass.
+# Stage 7, the validation report on held-out text.
 
 
 rule validate:
@@ -29,31 +29,3 @@ rule validate:
         " --prompt-bytes {params.opts[prompt_bytes]} --new-tokens {params.opts[new_tokens]}"
         " --gates {params.gates:q} {params.trust}"
         " --out-json {output.json:q} --out-html {output.html:q} > {log:q} 2>&1"
-
-
-rule final_model:
-    input:
-        validation="results/report/validation.json",
-        report="results/report/validation.html",
-        model="results/model/sft",
-        rules="results/remap/remap_rules.yaml",
-        base=local_inputs(base_model()),
-    output:
-        directory("results/final_model"),
-    log:
-        "logs/final_model.log",
-    benchmark:
-        "benchmarks/final_model.tsv"
-    conda:
-        ENV
-    params:
-        script=script("finalize_model.py"),
-        base=lambda wildcards: base_model(),
-        config=json.dumps(config, sort_keys=True),
-        inputs=lambda wildcards: " ".join(
-            shlex.quote(p) for p in final_model_checksummed_inputs()
-        ),
-    shell:
-        "python {params.script:q} --model {input.model:q} --validation {input.validation:q}"
-        " --rules {input.rules:q} --base-model {params.base:q} --config {params.config:q}"
-        " --inputs {params.inputs} --out {output:q} > {log:q} 2>&1"

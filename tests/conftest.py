@@ -71,6 +71,22 @@ def tiny_gpt2_dir(tmp_path_factory, gpt2_tokenizer_dir) -> Path:
     return make_tiny_gpt2(gpt2_tokenizer_dir, tmp_path_factory.mktemp("tiny") / "tiny-gpt2")
 
 
+EOS_GPT2 = 50256
+
+
+def write_jsonl(path: Path, records: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+    return path
+
+
+def pack(tokenizer: Path, out: Path, train: Path, *extra: str) -> dict:
+    import pack_data
+
+    pack_data.main(["--tokenizer", str(tokenizer), "--train", str(train), "--out-dir", str(out), "--threads", "1",
+                    *extra])
+    return json.loads((out / "meta.json").read_text())
+
+
 def make_workdir(tmp: Path, gpt2_tokenizer_dir: Path) -> Path:
     """A copy of the workflow (tracked files) in tmp, sharing the fetched assets, with the tiny model."""
     import shutil

@@ -247,7 +247,7 @@ def test_changing_a_selection_parameter_resubmits_only_affected_rules(cluster, w
         line.split()[1].rstrip(":") for line in text.splitlines() if line.lstrip().startswith(("rule ", "localrule "))
     }
     assert "select_candidates" in planned
-    assert not planned & {"ingest_corpus", "analyze_corpus", "distill_tokenizer", "fetch_asset"}, planned
+    assert not planned & {"ingest_corpus", "analyze_corpus", "distill_tokenizer", "fetch_assets"}, planned
 
 
 def test_a_failing_job_fails_the_workflow_and_shows_its_log(cluster, failing_run):

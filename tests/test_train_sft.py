@@ -1,4 +1,4 @@
-"""Packing and fine-tuning on CPU with the tiny GPT-2: labels, held rows, LoRA, resume after SIGKILL."""
+"""Fine-tuning on CPU with the tiny GPT-2: held rows, LoRA, resume after SIGKILL, the loss."""
 
 from __future__ import annotations
 
@@ -18,30 +18,16 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from conftest import ROOT
+from conftest import ROOT, pack
 
-import pack_data
 from ivr import loss as ivr_loss, trainer
-from ivr.packed_data import PackedBlocks
 
 SCRIPT = ROOT / "scripts" / "train_sft.py"
-EOS = 50256
 REASSIGNED = list(range(40000, 40300))  # ids of unused GPT-2 tokens the tiny rules give new "tokens"
 FROZEN = 50256  # a special token marked frozen
 BASE = ["block_size=32", "micro_batch_size=2", "epochs=0.15", "log_every=2", "checkpoint_every=5",
         "frozen_check_every=4", "weight_decay=0.1", "stage1_share=0.5", "loss_chunk_tokens=24",
         "warmup_share=0.1"]
-
-
-def write_jsonl(path: Path, records: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
-    return path
-
-
-def pack(tokenizer: Path, out: Path, train: Path, *extra: str) -> dict:
-    pack_data.main(["--tokenizer", str(tokenizer), "--train", str(train), "--out-dir", str(out), "--threads", "1",
-                    *extra])
-    return json.loads((out / "meta.json").read_text())
 
 
 @pytest.fixture(scope="module")
@@ -94,80 +80,6 @@ def weights(folder: Path) -> dict[str, torch.Tensor]:
 
 def stats(folder: Path) -> dict:
     return json.loads((folder / "training_stats.json").read_text())
-
-
-# ---- packing ---------------------------------------------------------------------------------------
-
-def test_documents_are_joined_by_eos_and_the_tail_block_is_padded(tmp_path, tiny_gpt2_dir):
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(tiny_gpt2_dir)
-    docs = ["첫 번째 법안입니다.", "Second document, in English.", "세 번째"]
-    train = write_jsonl(tmp_path / "train.jsonl", [{"text": d} for d in docs])
-    meta = pack(tiny_gpt2_dir, tmp_path / "data", train, "--block-size", "16", "--seed", "7")
-    data = PackedBlocks(tmp_path / "data")
-    ids = np.asarray(data.ids).reshape(-1)
-    mask = np.asarray(data.mask).reshape(-1)
-    real = ids[mask == 1]
-    # every document, in the seeded order, followed by EOS; the stream then padded to whole blocks
-    order = np.random.default_rng(7).permutation(len(docs))
-    expected = [t for i in order for t in tok(docs[i], add_special_tokens=False)["input_ids"] + [EOS]]
-    assert real.tolist() == expected
-    assert meta["tokens"] == len(expected) == meta["label_tokens"]
-    assert meta["blocks"] == math.ceil(len(expected) / 16) and len(ids) == meta["blocks"] * 16
-    assert not mask[len(expected):].any()
-    # determinism: the same inputs give byte-identical outputs
-    pack(tiny_gpt2_dir, tmp_path / "again", train, "--block-size", "16", "--seed", "7")
-    for name in ("input_ids.bin", "loss_mask.bin", "meta.json"):
-        assert (tmp_path / "data" / name).read_bytes() == (tmp_path / "again" / name).read_bytes()
-
-
-def test_padding_is_no_label_while_real_eos_is_when_pad_equals_eos(tmp_path, tiny_gpt2_dir):
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(tiny_gpt2_dir)
-    tok.pad_token = tok.eos_token  # the usual work-around that makes PAD == EOS
-    tok.save_pretrained(tmp_path / "tok")
-    train = write_jsonl(tmp_path / "train.jsonl", [{"text": "짧은 문서"}])
-    meta = pack(tmp_path / "tok", tmp_path / "data", train, "--block-size", "32")
-    assert meta["pad_is_eos"] and meta["pad_id"] == EOS
-    sample = PackedBlocks(tmp_path / "data")[0]
-    ids, targets = sample["input_ids"], sample["targets"]
-    n = meta["tokens"]  # the document and its EOS; the rest of the block is padding (also id EOS)
-    assert ids[n - 1] == EOS and (ids[n:] == EOS).all()
-    assert targets[n - 2] == EOS  # the real EOS is predicted
-    assert (targets[n - 1:] == -100).all()  # padding never is, though it has the same id
-    assert targets[: n - 1].tolist() == ids[1:n].tolist()
-
-
-def test_prompt_is_masked_and_the_chat_template_is_used(tmp_path, tiny_gpt2_dir):
-    from transformers import AutoTokenizer
-
-    template_dir = tmp_path / "with_template"
-    tok = AutoTokenizer.from_pretrained(tiny_gpt2_dir)
-    tok.chat_template = ("{% for m in messages %}[{{ m['role'] }}]: {{ m['content'] }}<|endoftext|>{% endfor %}"
-                         "{% if add_generation_prompt %}[assistant]: {% endif %}")
-    tok.save_pretrained(template_dir)
-    train = write_jsonl(tmp_path / "train.jsonl", [{"text": "본문"}])
-    examples = [{"prompt": "법안의 목적은?", "completion": "국민의 안전입니다."},
-                {"prompt": "Summarise.", "completion": "Short answer."}]
-    sft = write_jsonl(tmp_path / "sft.jsonl", examples)
-    for source, expect_template in ((template_dir, True), (tiny_gpt2_dir, False)):
-        out = tmp_path / f"data_{expect_template}"
-        meta = pack(tiny_gpt2_dir, out, train, "--block-size", "128", "--sft", str(sft),
-                    "--chat-template-from", str(source))
-        assert meta["sft"]["examples"] == 2 and meta["sft"]["chat_template"] is expect_template
-        data = PackedBlocks(out)
-        sft_rows = [i for i in range(len(data)) if "Summarise." in tok.decode(np.asarray(data.ids[i]))]
-        assert len(sft_rows) == 1  # both examples fit one block, which is padded
-        labelled = "".join(tok.decode(np.asarray(data.ids[i])[np.asarray(data.mask[i]) == 1]) for i in sft_rows)
-        if expect_template:
-            assert labelled == "국민의 안전입니다.<|endoftext|>Short answer.<|endoftext|>"
-        else:  # no template: prompt and completion as given, EOS after the completion
-            assert labelled == "국민의 안전입니다.<|endoftext|>Short answer.<|endoftext|>"
-        everything = "".join(tok.decode(np.asarray(data.ids[i])) for i in sft_rows)
-        assert ("[user]: 법안의 목적은?" in everything) is expect_template
-        assert "법안의 목적은?" in everything
 
 
 # ---- training --------------------------------------------------------------------------------------

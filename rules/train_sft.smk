@@ -1,5 +1,4 @@
-# Stage 5, fine-tuning: the training split packed into blocks with each branch's tokenizer (ivr: the
-# initialized model's remapped one; control: the base model's), then each model fine-tuned under
+# Stage 6b, the SFT checkpoint: each model (the IVR model and the control) fine-tuned under
 # `accelerate launch`. Resumable state lives in results/checkpoints/, which no rule declares, so a
 # failed or killed job keeps it and the rerun resumes. On a cluster the training job's resources
 # (runtime growing with the attempt) come from profiles/slurm/config.yaml; at its time limit Slurm sends
@@ -7,33 +6,6 @@
 # retry resumes from it. The shell and the launcher ignore that SIGTERM (`trap '' TERM`, inherited by
 # accelerate's launcher): had they died at once, the job would end and Slurm would SIGKILL the training
 # before its checkpoint is written; this way it has KillWait (30 s by default) to write it.
-
-
-rule pack_data:
-    input:
-        unpack(pack_inputs),
-    output:
-        ids="results/data/{branch}/input_ids.bin",
-        mask="results/data/{branch}/loss_mask.bin",
-        meta="results/data/{branch}/meta.json",
-    log:
-        "logs/pack_data/{branch}.log",
-    benchmark:
-        "benchmarks/pack_data/{branch}.tsv"
-    conda:
-        ENV
-    threads: config["training"]["threads"]
-    params:
-        script=script("pack_data.py"),
-        tokenizer=lambda wildcards: branch_model(wildcards.branch),
-        extra=pack_args,
-        block_size=config["training"]["block_size"],
-        seed=config["training"]["seed"],
-        trust="--trust-remote-code" if config["trust_remote_code"] else "",
-    shell:
-        "python {params.script:q} --tokenizer {params.tokenizer:q} --train {input.train:q} {params.extra}"
-        " --block-size {params.block_size} --seed {params.seed} --threads {threads}"
-        " {params.trust} --out-dir results/data/{wildcards.branch} > {log:q} 2>&1"
 
 
 rule train_sft:

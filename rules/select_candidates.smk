@@ -1,5 +1,5 @@
-# Stage 3, the reassignment: which new tokens take which ids (remap_rules.yaml, or a user's rules
-# file checked and completed), then the remapped tokenizer and what it saves (compression.json).
+# Stage 3a, the remap rules: which new tokens take which ids (remap_rules.yaml), or a user's rules file
+# checked and completed.
 
 
 rule select_candidates:
@@ -30,27 +30,3 @@ rule select_candidates:
         " --max-sacrifice-domain-count {params.opts[max_sacrifice_domain_count]}"
         " {params.choice} {params.trust} --candidates-out {output.candidates:q}"
         " --rules-out {output.rules:q} --log-out {output.report:q} > {log:q} 2>&1"
-
-
-rule remap_tokenizer:
-    input:
-        unpack(remap_inputs),
-    output:
-        tokenizer=directory("results/tokenizer/remapped"),
-        compression="results/remap/compression.json",
-    log:
-        "logs/remap_tokenizer.log",
-    benchmark:
-        "benchmarks/remap_tokenizer.tsv"
-    conda:
-        ENV
-    params:
-        script=script("remap_tokenizer.py"),
-        tokenizer=base_tokenizer(),
-        extra=remap_args,
-        trust="--trust-remote-code" if config["trust_remote_code"] else "",
-    shell:
-        "python {params.script:q} --rules {input.rules:q} --candidates {input.candidates:q}"
-        " --base-tokenizer {params.tokenizer:q} --pretokens {input.pretokens:q}"
-        " --heldout {input.heldout:q} {params.extra} {params.trust}"
-        " --out {output.tokenizer:q} --compression-out {output.compression:q} > {log:q} 2>&1"
