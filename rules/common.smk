@@ -209,15 +209,46 @@ def pack_args(wildcards, input):
 
 
 def train_inputs(wildcards):
+    """A branch's model and packed data, the dev splits it is watched on and, for the IVR model, its
+    rules and the control's packed data, against whose compute its budget is measured.
+    """
     branch = trained_branch(wildcards)
     inputs = {
         "model": branch_model_inputs(branch),
         "data": f"results/data/{branch}/meta.json",
-        "budget": "results/data/ivr/meta.json",
+        "dev": "results/corpus/domain/dev.jsonl",
     }
+    if has_general():
+        inputs["general_dev"] = "results/corpus/general/dev.jsonl"
     if branch == "ivr":
         inputs["rules"] = "results/remap/remap_rules.yaml"
+        inputs["reference"] = "results/data/control/meta.json"
     return inputs
+
+
+def train_args(wildcards, input):
+    args = ["--dev", input.dev]
+    for key, flag in (
+        ("general_dev", "--general-dev"),
+        ("rules", "--rules"),
+        ("reference", "--compute-reference"),
+    ):
+        if key in input.keys():
+            args += [flag, input[key]]
+    return " ".join(shlex.quote(str(a)) for a in args)
+
+
+def branch_settings(wildcards):
+    """The training settings of a branch, holding only what that branch uses (so that changing the
+    IVR budget does not rerun the control, nor the control's learning rate the IVR model).
+    """
+    settings = dict(config["training"])
+    control_lr = settings.pop("control_lr")
+    if trained_branch(wildcards) == "control":
+        settings.pop("budget")
+        if control_lr is not None:
+            settings["lr"] = control_lr
+    return json.dumps(settings, sort_keys=True)
 
 
 def accelerate_config():

@@ -1,4 +1,4 @@
-# Stage 1a, the cleaned corpus: documents read, normalised, deduplicated and split (train / held-out).
+# Stage 1a, the cleaned corpus: documents read, normalised, deduplicated and split (train / dev / held-out).
 
 
 rule ingest_corpus:
@@ -6,6 +6,7 @@ rule ingest_corpus:
         corpus_inputs,
     output:
         train="results/corpus/{corpus}/train.jsonl",
+        dev="results/corpus/{corpus}/dev.jsonl",
         heldout="results/corpus/{corpus}/heldout.jsonl",
         stats="results/corpus/{corpus}/ingest.json",
     log:
@@ -23,6 +24,6 @@ rule ingest_corpus:
         " --format {params.opts[format]} --txt-mode {params.opts[txt_mode]}"
         " --text-key {params.opts[text_key]:q} --text-column {params.opts[text_column]:q}"
         " --max-document-bytes {params.opts[max_document_bytes]} --max-documents {params.opts[max_documents]}"
-        " --heldout-fraction {params.opts[heldout_fraction]} --seed {params.opts[seed]}"
-        " --train-out {output.train:q} --heldout-out {output.heldout:q} --stats-out {output.stats:q}"
+        " --heldout-fraction {params.opts[heldout_fraction]} --dev-fraction {params.opts[dev_fraction]}"
+        " --seed {params.opts[seed]} --train-out {output.train:q} --dev-out {output.dev:q} --heldout-out {output.heldout:q} --stats-out {output.stats:q}"
         " > {log:q} 2>&1"

@@ -28,15 +28,13 @@ rule train_sft:
         processes=lambda wildcards, resources: max(1, int(resources.gpu)),
         model=lambda wildcards: branch_model(trained_branch(wildcards)),
         data=lambda wildcards: f"results/data/{trained_branch(wildcards)}",
-        rules=lambda wildcards, input: (
-            f"--rules {shlex.quote(input.rules)}" if "rules" in input.keys() else ""
-        ),
-        settings=json.dumps(config["training"], sort_keys=True),
+        extra=train_args,
+        settings=branch_settings,
         checkpoints="results/checkpoints/{trained}",
         trust="--trust-remote-code" if config["trust_remote_code"] else "",
     shell:
         "trap '' TERM; accelerate launch --config_file {params.accelerate:q} --num_processes {params.processes}"
         " --num_machines 1 --num_cpu_threads_per_process {threads}"
-        " {params.script:q} --model {params.model:q} --data {params.data:q} {params.rules}"
-        " --budget-from {input.budget:q} --settings {params.settings:q} --threads {threads}"
+        " {params.script:q} --model {params.model:q} --data {params.data:q} {params.extra}"
+        " --settings {params.settings:q} --threads {threads}"
         " {params.trust} --checkpoint-dir {params.checkpoints:q} --out {output:q} > {log:q} 2>&1"

@@ -1,14 +1,17 @@
 #!/usr/bin/env python3
-"""Ingest a corpus: read, NFC-normalise, drop empty and duplicate documents, split off a held-out set.
+"""Ingest a corpus: read, NFC-normalise, drop empty and duplicate documents, split off held-out and dev sets.
 
-Writes the training and held-out splits as JSON lines ({"text": ...} per document) and a JSON
+Writes the training, dev and held-out splits as JSON lines ({"text": ...} per document) and a JSON
 summary of what was read, dropped and kept. The split is decided by a seeded hash of each
 document, so it does not depend on file order and every later stage sees the same held-out set.
+The held-out split is only for the final report; the dev split (carved out of the training
+documents, never trained on) is where training is watched and methods and settings are compared.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -16,24 +19,25 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from ivr.cli import UserError, atomic_outputs, log, progress, run_main  # noqa: E402
-from ivr.corpus import ReadOptions, clean, document_hash, expand_paths, is_heldout, read_documents  # noqa: E402
+from ivr.corpus import ReadOptions, clean, document_hash, expand_paths, read_documents, split_of  # noqa: E402
 
 
 def ingest(
     paths: list[str],
     opts: ReadOptions,
-    train_out: Path,
-    heldout_out: Path,
+    outputs: dict[str, Path],
     heldout_fraction: float,
     seed: int,
     max_documents: int | None = None,
+    dev_fraction: float = 0.0,
 ) -> dict:
-    """Stream every document into the train or held-out file; return the counts."""
+    """Stream every document into the train, dev or held-out file (`outputs` by split); return the counts."""
     files = expand_paths(paths)
     seen: set[bytes] = set()
     counts = {"read": 0, "empty": 0, "duplicate": 0}
-    kept = {"train": [0, 0], "heldout": [0, 0]}  # documents, bytes
-    with open(train_out, "w", encoding="utf-8") as train, open(heldout_out, "w", encoding="utf-8") as heldout:
+    kept = {split: [0, 0] for split in ("train", "dev", "heldout")}  # documents, bytes
+    with contextlib.ExitStack() as stack:
+        handles = {split: stack.enter_context(open(path, "w", encoding="utf-8")) for split, path in outputs.items()}
         bar = progress(unit=" docs", desc="ingest")
         for path in files:
             for raw in read_documents(path, opts):
@@ -48,11 +52,11 @@ def ingest(
                     counts["duplicate"] += 1
                     continue
                 seen.add(key)
-                split = "heldout" if is_heldout(text, seed, heldout_fraction) else "train"
-                (heldout if split == "heldout" else train).write(json.dumps({"text": text}, ensure_ascii=False) + "\n")
+                split = split_of(text, seed, heldout_fraction, dev_fraction)
+                handles[split].write(json.dumps({"text": text}, ensure_ascii=False) + "\n")
                 kept[split][0] += 1
                 kept[split][1] += len(text.encode("utf-8"))
-                if max_documents and kept["train"][0] + kept["heldout"][0] >= max_documents:
+                if max_documents and sum(n for n, _ in kept.values()) >= max_documents:
                     break
             else:
                 continue
@@ -62,7 +66,7 @@ def ingest(
         raise UserError(
             f"corpus is empty after cleaning: {counts['read']} documents read from "
             f"{', '.join(map(str, paths))}, {counts['empty']} empty, {counts['duplicate']} duplicates"
-            + (", none left for training" if kept["heldout"][0] else "")
+            + (", none left for training" if kept["heldout"][0] or kept["dev"][0] else "")
         )
     return {
         "files": [str(p) for p in files],
@@ -70,9 +74,9 @@ def ingest(
         "dropped_empty": counts["empty"],
         "dropped_duplicate": counts["duplicate"],
         "heldout_fraction": heldout_fraction,
+        "dev_fraction": dev_fraction,
         "seed": seed,
-        "train": {"documents": kept["train"][0], "bytes": kept["train"][1]},
-        "heldout": {"documents": kept["heldout"][0], "bytes": kept["heldout"][1]},
+        **{split: {"documents": n, "bytes": size} for split, (n, size) in kept.items()},
     }
 
 
@@ -86,8 +90,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--max-document-bytes", type=int, default=16 * 1024 * 1024)
     parser.add_argument("--max-documents", type=int, default=0, help="stop after this many kept documents (0: all)")
     parser.add_argument("--heldout-fraction", type=float, default=0.05)
+    parser.add_argument("--dev-fraction", type=float, default=0.0,
+                        help="share of the documents taken out of training as the dev split")
     parser.add_argument("--seed", type=int, default=1234)
     parser.add_argument("--train-out", type=Path, required=True)
+    parser.add_argument("--dev-out", type=Path, required=True)
     parser.add_argument("--heldout-out", type=Path, required=True)
     parser.add_argument("--stats-out", type=Path, required=True)
     return parser.parse_args(argv)
@@ -97,14 +104,17 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if not 0.0 < args.heldout_fraction < 1.0:
         raise UserError(f"--heldout-fraction must lie strictly between 0 and 1, got {args.heldout_fraction}")
+    if not 0.0 <= args.dev_fraction < 1.0 - args.heldout_fraction:
+        raise UserError(f"--dev-fraction must be at least 0 and leave documents for training, got {args.dev_fraction}")
     opts = ReadOptions(args.format, args.txt_mode, args.text_key, args.text_column, args.max_document_bytes)
-    with atomic_outputs(args.train_out, args.heldout_out, args.stats_out) as (train, heldout, stats_path):
-        stats = ingest(args.inputs, opts, train, heldout, args.heldout_fraction, args.seed, args.max_documents or None)
+    with atomic_outputs(args.train_out, args.dev_out, args.heldout_out, args.stats_out) as (train, dev, heldout, stats_path):
+        stats = ingest(args.inputs, opts, {"train": train, "dev": dev, "heldout": heldout}, args.heldout_fraction,
+                       args.seed, args.max_documents or None, args.dev_fraction)
         stats_path.write_text(json.dumps(stats, indent=2, ensure_ascii=False) + "\n")
     log.info(
-        "kept %d train + %d held-out documents of %d read (%d empty, %d duplicates dropped)",
-        stats["train"]["documents"], stats["heldout"]["documents"], stats["documents_read"],
-        stats["dropped_empty"], stats["dropped_duplicate"],
+        "kept %d train + %d dev + %d held-out documents of %d read (%d empty, %d duplicates dropped)",
+        stats["train"]["documents"], stats["dev"]["documents"], stats["heldout"]["documents"],
+        stats["documents_read"], stats["dropped_empty"], stats["dropped_duplicate"],
     )
 
 

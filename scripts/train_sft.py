@@ -5,7 +5,11 @@
         scripts/train_sft.py --model DIR --data DIR --out DIR --checkpoint-dir DIR [--rules remap_rules.yaml]
 
 Works on CPU, one or several GPUs (DDP), DeepSpeed ZeRO-2/3 and FSDP2. The settings are the `training:`
-section of the workflow config (--settings, --set KEY=VALUE). Training runs in up to two stages:
+section of the workflow config (--settings, --set KEY=VALUE). The budget: the control makes
+training.epochs passes over its data (or training.max_tokens tokens); a run given --compute-reference
+(the control's packed data) takes training.budget of the control's optimizer steps with the same batch
+shape, so that share of its training FLOPs (or, with budget one_pass, the same passes over its own data).
+Training runs in up to two stages:
 
   1. rows  only the reassigned rows of the input embedding (and of an untied head) learn; every other
            row is held by a gradient mask (needs --rules; training.stage1_share of the steps);
@@ -19,8 +23,10 @@ never get weight decay, which would move held rows although their gradient is ze
 Checkpoints (model, optimizer, scheduler, RNG, step, data position, resolved settings) go to
 --checkpoint-dir every training.checkpoint_every steps, under a key hashed from the inputs and settings: a
 rerun resumes from the newest one only when the key matches, otherwise it starts fresh. --out gets a
-Hugging Face folder with the tokenizer of --model, train_log.jsonl (step, loss, grad norm, lr, tokens/s)
-and training_stats.json (tokens seen, wall-clock, first loss, held-row checks).
+Hugging Face folder with the tokenizer of --model, train_log.jsonl (step, loss, grad norm, lr, tokens/s,
+bytes and FLOPs so far, and bits per byte on --dev / --general-dev before the first step, every
+training.eval_every steps and after the last) and training_stats.json (steps, tokens, bytes, passes,
+FLOPs, GPU-seconds, first and final loss, final dev bits per byte, held-row checks).
 
 SIGTERM (what Slurm sends at a job's time limit, KillWait seconds before SIGKILL) stops training after the
 current optimizer step with a checkpoint of that step, and the script exits with status 143; the retry
@@ -44,13 +50,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from ivr.checkpoints import Checkpoints, TrainingStopped, StopRequest, run_key  # noqa: E402
 from ivr.cli import UserError, atomic_path, log, run_main  # noqa: E402
+from ivr.compute import flops_per_token, plan_steps, reference_steps  # noqa: E402
+from ivr.dev_eval import DevEval, read_dev_texts  # noqa: E402
 from ivr.held_rows import full_state  # noqa: E402
 from ivr.modeling import embedding_weights, load_tokenizer, load_weights  # noqa: E402
 from ivr.packed_data import PackedBlocks, block_stream, read_meta  # noqa: E402
 from ivr.stages import Stage, plan_stages, read_rules  # noqa: E402
 from ivr.train_settings import read_settings_arg, resolve_settings  # noqa: E402
-from ivr.trainer import (Progress, build_stage_model, load_model, lora_config, make_accelerator,  # noqa: E402
-                         run_stage, whole_models)
+from ivr.trainer import (Progress, Watch, build_stage_model, load_model, lora_config,  # noqa: E402
+                         make_accelerator, run_stage, whole_models)
 
 
 def save_output(out: str, model_dir: str, stage: Stage, settings: dict, state: dict[str, torch.Tensor],
@@ -87,6 +95,36 @@ def save_output(out: str, model_dir: str, stage: Stage, settings: dict, state: d
         (tmp / "training_stats.json").write_text(json.dumps(stats, indent=2, default=str) + "\n")
 
 
+def plan_compute(args: argparse.Namespace, settings: dict, dataset: PackedBlocks, global_batch: int) -> tuple[int, dict]:
+    """Optimizer steps of this run (its budget: its own, or a share of --compute-reference's) and how
+    that was decided, for the stats."""
+    reference = read_meta(args.compute_reference) if args.compute_reference else None
+    steps = plan_steps(settings, dataset.meta, global_batch, reference)
+    budget = {"kind": "control" if reference is None else "share of the control's compute"}
+    if reference is not None:
+        control_steps = reference_steps(settings, reference, global_batch)
+        budget.update(setting=settings["budget"], control_steps=control_steps, share=steps / control_steps)
+    return steps, budget
+
+
+def dev_watch(args: argparse.Namespace, settings: dict, dataset: PackedBlocks, total_steps: int) -> Watch:
+    """Compute per token and the dev-split measurements the train log gets."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
+    with torch.device("meta"):  # the shape is enough to count parameters
+        shape = AutoModelForCausalLM.from_config(config, trust_remote_code=args.trust_remote_code)
+    texts = {"dev": read_dev_texts(args.dev, settings["eval_documents"]),
+             "general_dev": read_dev_texts(args.general_dev, settings["eval_documents"])}
+    dev = None
+    if any(texts.values()):
+        dev = DevEval(load_tokenizer(args.model, trust_remote_code=args.trust_remote_code), texts,
+                      settings["eval_byte_budget"])
+    meta = dataset.meta
+    return Watch(dev, settings["eval_every"], total_steps, flops_per_token(shape, meta["block_size"]),
+                 sum(meta["bytes"].values()) / max(1, meta["blocks"] * meta["block_size"]))
+
+
 def train(args: argparse.Namespace) -> None:
     from accelerate.logging import get_logger
     from accelerate.utils import set_seed
@@ -97,7 +135,6 @@ def train(args: argparse.Namespace) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     dataset = PackedBlocks(args.data)
-    budget = read_meta(args.budget_from) if args.budget_from else dataset.meta
     config = AutoConfig.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
     num_rows = (config.get_text_config() if hasattr(config, "get_text_config") else config).vocab_size
     if dataset.meta["vocab_size"] > num_rows:
@@ -109,17 +146,19 @@ def train(args: argparse.Namespace) -> None:
     logger = get_logger("ivr.train")
     set_seed(settings["seed"])
     global_batch = settings["micro_batch_size"] * settings["gradient_accumulation"] * accelerator.num_processes
-    epochs = settings["max_tokens"] / budget["tokens"] if settings["max_tokens"] else settings["epochs"]
-    total_steps = max(1, math.ceil(epochs * dataset.meta["blocks"] / global_batch))
+    total_steps, budget = plan_compute(args, settings, dataset, global_batch)
+    epochs = total_steps * global_batch / dataset.meta["blocks"]
     stages = plan_stages(settings, total_steps, num_rows, rules)
     stream = block_stream(dataset.meta["blocks"], total_steps * global_batch, settings["seed"])
+    watch = dev_watch(args, settings, dataset, total_steps)
     world = {"processes": accelerator.num_processes, "distributed": accelerator.distributed_type.name,
              "mixed_precision": accelerator.mixed_precision}
     plan = {"epochs": epochs, "total_steps": total_steps, "blocks_per_step": global_batch,
-            "tokens_per_step": global_batch * dataset.meta["block_size"],
+            "tokens_per_step": global_batch * dataset.meta["block_size"], "budget": budget,
             "stages": [{"stage": s.index, "kind": s.kind, "steps": s.steps, "lr": s.lr,
                         "learn_rows": len(s.learn_rows), "held_rows": len(s.held_rows)} for s in stages]}
-    key = run_key(args.model, dataset.meta, budget, args.rules, settings, world)
+    reference_digest = read_meta(args.compute_reference)["digest"] if args.compute_reference else None
+    key = run_key(args.model, dataset.meta, reference_digest, args.rules, settings, world)
     checkpoints = Checkpoints(args.checkpoint_dir, key, accelerator, {"settings": settings, "plan": plan, **world})
     resume = checkpoints.latest()
     progress = Progress(checks=[])
@@ -130,9 +169,10 @@ def train(args: argparse.Namespace) -> None:
         checkpoints.truncate_log(progress.step)
         logger.info(f"resuming from {resume[0]}: step {progress.step} of {total_steps}")
     else:
-        logger.info(f"starting fresh: {total_steps} steps, {epochs:.4g} epochs of {dataset.meta['blocks']} blocks, "
-                    f"{global_batch} blocks of {dataset.meta['block_size']} tokens per step, "
-                    f"{accelerator.num_processes} process(es), {world['distributed']}, {world['mixed_precision']}")
+        logger.info(f"starting fresh: {total_steps} steps ({budget['kind']}), {epochs:.4g} passes over "
+                    f"{dataset.meta['blocks']} blocks, {global_batch} blocks of {dataset.meta['block_size']} tokens "
+                    f"per step, {accelerator.num_processes} process(es), {world['distributed']}, "
+                    f"{world['mixed_precision']}")
 
     prepared = None
     with StopRequest() as stop:
@@ -149,7 +189,7 @@ def train(args: argparse.Namespace) -> None:
                     model = build_stage_model(args.model, stage, settings, args.trust_remote_code, weights)
                 stage_resume = resume if resume and resume[1]["stage"] == stage.index else None
                 prepared = run_stage(accelerator, stage, model, dataset, stream, settings, checkpoints, progress,
-                                     stage_resume, num_rows, dataset.meta["vocab_size"], logger, stop)
+                                     stage_resume, num_rows, dataset.meta["vocab_size"], logger, stop, watch)
                 del model  # the prepared wrapper holds it; free it with the wrapper at the next stage
         except TrainingStopped as stopped:
             logger.warning(f"SIGTERM: stopped after step {stopped.step} of {total_steps} with a checkpoint in "
@@ -158,16 +198,25 @@ def train(args: argparse.Namespace) -> None:
     final = full_state(accelerator, prepared.loss_model, prepared.originals)
     if accelerator.is_main_process:
         records = [json.loads(line) for line in checkpoints.log_path.read_text().splitlines()]
-        data_bytes = sum(budget["bytes"].values())
+        losses = [r for r in records if "loss" in r]
+        devs = [r for r in records if "dev_bpb" in r]
         stats = {
+            "optimizer_steps": progress.step,
             "tokens_seen": progress.tokens,
-            "bytes_seen_estimate": round(epochs * data_bytes),
-            "epochs": epochs,
+            "bytes_seen": watch.compute(progress.tokens)["bytes"],
+            "passes": epochs,
+            "training_flops": watch.compute(progress.tokens)["flops"],
+            "flops_per_token": watch.flops_per_token,
+            "flops_note": "6 x parameters + 12 x layers x width x sequence per token, every step counted as full "
+                          "fine-tuning (stage-1 steps compute no weight gradients, so they cost less than counted)",
             "wall_clock_s": round(progress.elapsed, 1),
+            "gpu_seconds": round(progress.elapsed * accelerator.num_processes, 1)
+            if accelerator.device.type == "cuda" else 0.0,
             "tokens_per_s": round(progress.tokens / max(progress.elapsed, 1e-9), 1),
             "first_loss": progress.first_loss,
             "ln_vocab": math.log(dataset.meta["vocab_size"]),
-            "final_loss": records[-1]["loss"] if records else None,
+            "final_loss": losses[-1]["loss"] if losses else None,
+            "dev_bpb": {k: devs[-1][k] for k in ("dev_bpb", "general_dev_bpb") if k in devs[-1]} if devs else None,
             "held_row_checks": progress.checks,
             "plan": plan,
             "world": world,
@@ -177,7 +226,8 @@ def train(args: argparse.Namespace) -> None:
             save_output(args.out, args.model, stages[-1], settings, final, args.trust_remote_code,
                         checkpoints.log_path, stats)
         logger.info(f"saved {args.out}: {progress.tokens} tokens in {progress.elapsed:.0f} s of training, "
-                    f"loss {progress.first_loss:.3f} -> {stats['final_loss']}")
+                    f"loss {progress.first_loss:.3f} -> {stats['final_loss']}"
+                    + (f", dev bits per byte {stats['dev_bpb']}" if stats["dev_bpb"] else ""))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         shutil.rmtree(checkpoints.root, ignore_errors=True)
@@ -191,8 +241,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", required=True, help="output Hugging Face folder")
     parser.add_argument("--checkpoint-dir", required=True, help="folder for resumable checkpoints (not an output)")
     parser.add_argument("--rules", help="remap_rules.yaml: reassigned rows (stage 1) and frozen special tokens")
-    parser.add_argument("--budget-from", help="meta.json whose token count turns training.max_tokens into epochs, "
-                                              "so that a control run sees the same documents (default: --data's)")
+    parser.add_argument("--compute-reference", help="the control's packed data (folder or meta.json): this run's "
+                                                    "steps are training.budget of the control's (default: its own budget)")
+    parser.add_argument("--dev", help="dev split (JSON lines) whose bits per byte the train log reports")
+    parser.add_argument("--general-dev", help="general-text dev split, reported beside --dev")
     parser.add_argument("--settings", help="training settings: JSON, or a YAML/JSON file (its training: section)")
     parser.add_argument("--set", action="append", metavar="KEY=VALUE", help="override one setting (repeatable)")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: its default)")

@@ -17,6 +17,7 @@ import base64
 import html
 import io
 import json
+import math
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -87,14 +88,66 @@ def _bars(ax, results: dict, split: str, key: str, title: str) -> None:
     ax.set_title(title, fontsize=10)
 
 
-def _curves(ax, logs: dict) -> None:
+COLOURS = {"sft": "#2a7", "control": "#47c"}
+
+
+def _dev_curves(ax, logs: dict, x_key: str, x_label: str, scale: float) -> None:
+    """Dev-split bits per byte (solid: domain, dashed: general text) of each branch against compute."""
     for name, rows in logs.items():
-        if rows:
-            ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], label=LABELS.get(name, name))
-    ax.set_xlabel("step")
-    ax.set_ylabel("training loss")
+        for key, style, what in (("dev_bpb", "-", "domain"), ("general_dev_bpb", "--", "general")):
+            points = [(r[x_key] / scale, r[key]) for r in rows if key in r and x_key in r]
+            if points:
+                ax.plot(*zip(*points), style, marker=".", color=COLOURS.get(name),
+                        label=f"{LABELS.get(name, name).split(' (')[0]}, {what}")
+    ax.set_xlabel(x_label)
+    ax.set_ylabel("dev bits per byte")
+    ax.legend(fontsize=7)
+    ax.set_title(f"quality against {x_label.split(' (')[0]}", fontsize=10)
+
+
+def _loss_per_byte(ax, logs: dict, training: dict) -> None:
+    """Training loss in bits per byte of training text (comparable across tokenizers) against FLOPs."""
+    for name, rows in logs.items():
+        stats = training.get(name, {})
+        if not stats.get("tokens_seen") or not stats.get("bytes_seen"):
+            continue
+        bytes_per_token = stats["bytes_seen"] / stats["tokens_seen"]
+        points = [(r["flops"] / 1e15, r["loss"] / math.log(2) / bytes_per_token) for r in rows if "loss" in r and "flops" in r]
+        if points:
+            ax.plot(*zip(*points), color=COLOURS.get(name), label=LABELS.get(name, name).split(" (")[0])
+    ax.set_xlabel("training FLOPs (PFLOP)")
+    ax.set_ylabel("training loss, bits per byte")
     ax.legend(fontsize=8)
-    ax.set_title("training curves", fontsize=10)
+    ax.set_title("training loss per byte against compute", fontsize=10)
+
+
+COMPUTE_ROWS = (("bytes_seen", "bytes of text seen", 0), ("passes", "passes over its documents", 2),
+                ("tokens_seen", "training tokens", 0), ("optimizer_steps", "optimizer steps", 0),
+                ("training_flops", "training FLOPs", None), ("gpu_seconds", "GPU-seconds", 1),
+                ("wall_clock_s", "wall-clock seconds of training", 1))
+
+
+def compute_table(results: dict) -> str:
+    """Rows: what each trained model cost; columns: the IVR model, the control, IVR's share."""
+    training = results.get("training", {})
+    names = [n for n in ("sft", "control") if training.get(n)]
+    if not names:
+        return ""
+    head = "".join(f"<th>{html.escape(LABELS[n])}</th>" for n in names) + ("<th>IVR / control</th>" if len(names) == 2 else "")
+    rows = ""
+    for key, label, digits in COMPUTE_ROWS:
+        values = [training[n].get(key) for n in names]
+        cells = "".join(f"<td>{'–' if v is None else f'{v:.3e}' if digits is None else f'{v:,.{digits}f}'}</td>" for v in values)
+        if len(values) == 2:
+            cells += f"<td>{fmt(values[0] / values[1], 3) if values[0] is not None and values[1] else '–'}</td>"
+        rows += f"<tr><td>{label}</td>{cells}</tr>"
+    for split, label in (("domain", "held-out domain bits per byte"), ("general", "held-out general bits per byte")):
+        values = [results["models"].get(n, {}).get(split, {}).get("bits_per_byte") for n in names]
+        cells = "".join(f"<td>{fmt(v)}</td>" for v in values)
+        if len(values) == 2:
+            cells += f"<td>{fmt(values[0] / values[1], 3) if None not in values else '–'}</td>"
+        rows += f"<tr><td>{label}</td>{cells}</tr>"
+    return f"<table><tr><th>training</th>{head}</tr>{rows}</table>"
 
 
 def fmt(value, digits: int = 3) -> str:
@@ -124,8 +177,11 @@ def render_html(results: dict, logs: dict) -> str:
     ]
     if any(get(n, "general", "bits_per_byte") for n in models):
         plots.append(_plot_png(lambda ax: _bars(ax, results, "general", "bits_per_byte", "general-text bits per byte")))
-    if any(logs.values()):
-        plots.append(_plot_png(lambda ax: _curves(ax, logs)))
+    if any("dev_bpb" in r for rows in logs.values() for r in rows):
+        plots.append(_plot_png(lambda ax: _dev_curves(ax, logs, "flops", "training FLOPs (PFLOP)", 1e15)))
+        plots.append(_plot_png(lambda ax: _dev_curves(ax, logs, "bytes", "bytes of text seen (MB)", 1e6)))
+    if any("flops" in r for rows in logs.values() for r in rows):
+        plots.append(_plot_png(lambda ax: _loss_per_byte(ax, logs, results.get("training", {}))))
     images = "".join(f"<img alt='plot {i + 1}' src='data:image/png;base64,{p}'>" for i, p in enumerate(plots))
     samples = ""
     prompts = results.get("prompts", [])
@@ -151,8 +207,13 @@ pre{{background:#f6f6f6;padding:1em;overflow:auto;font-size:.8em}}
 <p class="headline"><b>Domain:</b> {fmt(head['domain_tokens_per_byte_reduction'] * 100 if head['domain_tokens_per_byte_reduction'] is not None else None, 1)} % fewer tokens than the base;
 bits per byte base {fmt(head['domain_bpb']['base'])}, control {fmt(head['domain_bpb'].get('control'))}, IVR {fmt(head['domain_bpb']['sft'])}.
 <b>General text:</b> bits per byte base {fmt(head['general_bpb']['base'])}, IVR {fmt(head['general_bpb']['sft'])}.
-<b>Generation:</b> IVR {fmt(head['generation_speedup_vs_control'], 2)}x the control's bytes per second. <b>{verdict}</b>.</p>
+<b>Generation:</b> IVR {fmt(head['generation_speedup_vs_control'], 2)}x the control's bytes per second.
+<b>Training compute:</b> IVR {fmt(head.get('ivr_training_flops_share'), 2)}x the control's FLOPs. <b>{verdict}</b>.</p>
 <table><tr><th>model</th><th>domain bits/byte</th><th>domain tokens/byte</th><th>general bits/byte</th><th>generation bytes/s</th></tr>{rows}</table>
+<h2>Training compute</h2>
+<p>Both models have one shape and batch, so FLOPs follow optimizer steps; the dev-split curves below are
+measured during training (bits per byte on the same dev documents for both, never the held-out ones).</p>
+{compute_table(results)}
 <h2>Gates</h2><table><tr><th>gate</th><th>rule</th><th>measured</th><th>threshold</th><th>result</th></tr>{gates}</table>
 <h2>Plots</h2>{images}
 <h2>Continuations of held-out prompts (greedy)</h2>
@@ -182,6 +243,10 @@ def check_gates(results: dict, gates: dict) -> list[dict]:
         limit = bpb("control", "domain") + gates["control_tolerance"]
         out.append({"name": "ivr_vs_control", "rule": "IVR domain bits/byte <= control's + tolerance",
                     "measured": bpb("sft", "domain"), "threshold": limit, "passed": bpb("sft", "domain") <= limit})
+    if gates["general_vs_control"] and bpb("control", "general") is not None and bpb("sft", "general") is not None:
+        limit = bpb("control", "general") + gates["control_tolerance"]
+        out.append({"name": "general_vs_control", "rule": "IVR general-text bits/byte <= control's + tolerance",
+                    "measured": bpb("sft", "general"), "threshold": limit, "passed": bpb("sft", "general") <= limit})
     return out
 
 
@@ -235,7 +300,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 GATE_DEFAULTS = {"general_bpb_tolerance": 0.1, "domain_better_than_initialized": True, "fidelity_min": 0.999,
-                 "ivr_vs_control": False, "control_tolerance": 0.0}
+                 "ivr_vs_control": False, "general_vs_control": False, "control_tolerance": 0.0}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -262,6 +327,8 @@ def main(argv: list[str] | None = None) -> None:
         "training": {name: read_json(Path(paths[name]) / "training_stats.json") for name in ("sft", "control") if paths[name]},
     }
     results["headline"] = headline(models)
+    flops = {n: results["training"].get(n, {}).get("training_flops") for n in ("sft", "control")}
+    results["headline"]["ivr_training_flops_share"] = flops["sft"] / flops["control"] if flops["sft"] and flops["control"] else None
     results["gates"] = check_gates(results, gates)
     results["gates_passed"] = all(g["passed"] for g in results["gates"])
     with atomic_outputs(args.out_json, args.out_html) as (out_json, out_html):

@@ -100,7 +100,7 @@ def splits(tmp_path_factory, bills_sample) -> dict[str, Path]:
 
 def ingest(tmp: Path, corpus: Path, *extra) -> Run:
     out = tmp / "out dir"
-    argv = script("ingest_corpus.py", corpus, *extra, "--train-out", out / "train.jsonl",
+    argv = script("ingest_corpus.py", corpus, *extra, "--train-out", out / "train.jsonl", "--dev-out", out / "dev.jsonl",
                   "--heldout-out", out / "heldout.jsonl", "--stats-out", out / "ingest.json")
     return Run(argv, [str(corpus)], out)
 

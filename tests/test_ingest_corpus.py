@@ -22,14 +22,13 @@ SCRIPT = ROOT / "scripts" / "ingest_corpus.py"
 
 def run_ingest(tmp_path: Path, inputs: list[Path], **kw) -> dict:
     opts = ReadOptions(**{k: v for k, v in kw.items() if k in ReadOptions.__dataclass_fields__})
-    return ingest(
-        [str(p) for p in inputs], opts, tmp_path / "train.jsonl", tmp_path / "heldout.jsonl",
-        kw.get("fraction", 0.2), kw.get("seed", 7),
-    )
+    outputs = {split: tmp_path / f"{split}.jsonl" for split in ("train", "dev", "heldout")}
+    return ingest([str(p) for p in inputs], opts, outputs, kw.get("fraction", 0.2), kw.get("seed", 7),
+                  dev_fraction=kw.get("dev_fraction", 0.1))
 
 
 def all_texts(tmp_path: Path) -> list[str]:
-    return list(iter_jsonl_texts(tmp_path / "train.jsonl")) + list(iter_jsonl_texts(tmp_path / "heldout.jsonl"))
+    return [t for split in ("train", "dev", "heldout") for t in iter_jsonl_texts(tmp_path / f"{split}.jsonl")]
 
 
 def test_every_format_gives_the_same_documents(tmp_path, korean_texts):
@@ -68,7 +67,7 @@ def test_nfc_empty_and_duplicates(tmp_path):
     assert stats["dropped_empty"] == 2
     assert stats["dropped_duplicate"] == 2  # the NFD copy equals the NFC one after normalisation
     assert sorted(all_texts(tmp_path)) == ["국회 법률안", "대한민국 헌법"]
-    assert stats["train"]["bytes"] + stats["heldout"]["bytes"] == len("국회 법률안대한민국 헌법".encode())
+    assert sum(stats[s]["bytes"] for s in ("train", "dev", "heldout")) == len("국회 법률안대한민국 헌법".encode())
 
 
 def test_split_is_seeded_and_independent_of_order(tmp_path, korean_texts):
@@ -86,9 +85,27 @@ def test_split_is_seeded_and_independent_of_order(tmp_path, korean_texts):
     assert 0.1 < len(splits[0]) / len(set(docs)) < 0.5
 
 
+def test_dev_split_is_carved_from_training_documents_and_never_overlaps_heldout(tmp_path, korean_texts):
+    docs = [t.replace("\n", " ") for t in korean_texts]
+    (tmp_path / "c.txt").write_text("\n".join(docs), encoding="utf-8")
+    splits = {}
+    for dev_fraction in (0.0, 0.2):
+        out = tmp_path / f"dev{dev_fraction}"
+        out.mkdir()
+        stats = run_ingest(out, [tmp_path / "c.txt"], fraction=0.2, dev_fraction=dev_fraction)
+        splits[dev_fraction] = {s: set(iter_jsonl_texts(out / f"{s}.jsonl")) for s in ("train", "dev", "heldout")}
+        assert stats["dev"]["documents"] == len(splits[dev_fraction]["dev"])
+    without, with_dev = splits[0.0], splits[0.2]
+    assert not without["dev"] and 0.1 < len(with_dev["dev"]) / len(set(docs)) < 0.3
+    # the held-out set does not depend on the dev split; dev documents come out of training
+    assert with_dev["heldout"] == without["heldout"]
+    assert with_dev["dev"] | with_dev["train"] == without["train"]
+    assert not with_dev["dev"] & with_dev["heldout"] and not with_dev["dev"] & with_dev["train"]
+
+
 def cli(args: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
-    outs = ["--train-out", str(tmp_path / "out" / "train.jsonl"), "--heldout-out", str(tmp_path / "out" / "heldout.jsonl"),
-            "--stats-out", str(tmp_path / "out" / "stats.json")]
+    outs = ["--train-out", str(tmp_path / "out" / "train.jsonl"), "--dev-out", str(tmp_path / "out" / "dev.jsonl"),
+            "--heldout-out", str(tmp_path / "out" / "heldout.jsonl"), "--stats-out", str(tmp_path / "out" / "stats.json")]
     return subprocess.run([sys.executable, str(SCRIPT), *args, *outs], capture_output=True, text=True)
 
 

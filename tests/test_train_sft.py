@@ -296,3 +296,46 @@ def test_deepspeed_config_drops_the_bf16_overflow_scan_unless_the_user_set_it():
                                                                                         "overlap_comm": False}}
     trainer.configure_deepspeed(mine, settings)
     assert mine["bf16"]["check_grad_overflow"] is True and mine["zero_optimization"]["overlap_comm"] is False
+
+
+# ---- budget and the dev split -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("budget,expected", [(1.0, 40), (0.5, 20), (0.22, 9), (2.0, 80)])
+def test_budget_is_a_share_of_the_controls_steps(budget, expected):
+    """The control makes 2 passes over 640 blocks (40 steps of 32 blocks); IVR, with the same batch shape,
+    takes the budget's share of those steps: at 1.0 exactly the control's tokens and FLOPs."""
+    from ivr.compute import plan_steps
+    from ivr.train_settings import resolve_settings
+
+    settings = resolve_settings({"epochs": 2.0, "budget": budget})
+    control = {"blocks": 640, "block_size": 1024, "tokens": 640 * 1024}
+    ivr = {"blocks": 150, "block_size": 1024, "tokens": 150 * 1024}  # the same documents, fewer tokens
+    assert plan_steps(settings, control, 32) == 40
+    assert plan_steps(settings, ivr, 32, reference=control) == expected
+    one_pass = resolve_settings({"epochs": 2.0, "budget": "one_pass"})
+    assert plan_steps(one_pass, ivr, 32, reference=control) == 10  # 2 passes over its own 150 blocks
+    tokens = resolve_settings({"max_tokens": 32 * 1024 * 25, "budget": 1.0})
+    assert plan_steps(tokens, control, 32) == 25 == plan_steps(tokens, ivr, 32, reference=control)
+
+
+def test_dev_bits_per_byte_in_the_log_equal_the_saved_models(tmp_path, tiny_gpt2_dir, packed, rules_file, korean_texts):
+    """The train log's dev measurement is the project's bits_per_byte of the model being trained: after
+    the last step it equals what ivr.metrics says of the saved model on the same documents."""
+    from ivr.metrics import bits_per_byte
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    dev = tmp_path / "dev.jsonl"
+    dev.write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in korean_texts[:5]), encoding="utf-8")
+    command = train_command(tiny_gpt2_dir, packed, tmp_path / "out", tmp_path / "ck", rules_file,
+                            "eval_every=3", "eval_documents=4", "eval_byte_budget=200")
+    run(command + ["--dev", str(dev)])
+    records = [json.loads(line) for line in (tmp_path / "out" / "train_log.jsonl").read_text().splitlines()]
+    total = stats(tmp_path / "out")["optimizer_steps"]
+    measured = [r for r in records if "dev_bpb" in r]
+    assert [r["step"] for r in measured] == sorted({0, *range(3, total + 1, 3), total})
+    assert len({r["step"] for r in records}) == len(records)  # one record a step
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "out")
+    expected = bits_per_byte(model, tokenizer, korean_texts[:4], 200).bits_per_byte
+    assert measured[-1]["dev_bpb"] == pytest.approx(expected, abs=2e-6)
+    assert stats(tmp_path / "out")["dev_bpb"] == {"dev_bpb": measured[-1]["dev_bpb"]}

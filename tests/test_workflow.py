@@ -44,7 +44,7 @@ def test_analysis_target_is_built_and_checked(workdir):
     snakemake(workdir, "results/analysis/corpus_stats.json")
     stats = json.loads((workdir / "results/analysis/corpus_stats.json").read_text())
     ingest = json.loads((workdir / "results/corpus/domain/ingest.json").read_text())
-    assert stats["train"]["documents"] + stats["heldout"]["documents"] == 300
+    assert stats["train"]["documents"] + stats["heldout"]["documents"] + ingest["dev"]["documents"] == 300
     assert stats["train"]["documents"] == ingest["train"]["documents"]
     assert 0.8 < stats["train"]["tokens_per_byte"] < 0.95  # GPT-2 on Korean: about 0.88
     assert 0.15 < stats["general_train"]["tokens_per_byte"] < 0.35  # and on English prose
@@ -188,3 +188,39 @@ def test_changing_the_budget_reruns_selection_and_after_but_not_analysis_or_dist
     planned = jobs_run(dry)
     assert {"select_candidates", "remap_tokenizer", "reorder_embeddings", "init_model"} <= planned, planned
     assert not planned & {"ingest_corpus", "analyze_corpus", "distill_tokenizer"}, planned
+
+
+def test_ivr_budget_is_its_share_of_the_controls_steps_and_both_watch_the_dev_split(final_model, workdir):
+    """tiny.yaml: the control trains max_tokens tokens, the IVR model training.budget (0.5) of its steps,
+    with the same batch shape; both log dev bits per byte before the first step, every eval_every steps and
+    after the last, on dev documents that are neither held out nor trained on."""
+    ivr = json.loads((workdir / "results/model/sft/training_stats.json").read_text())
+    control = json.loads((workdir / "results/model/control/training_stats.json").read_text())
+    assert control["optimizer_steps"] == 8 and ivr["optimizer_steps"] == 4
+    assert ivr["plan"]["budget"] == {"kind": "share of the control's compute", "setting": 0.5, "control_steps": 8,
+                                     "share": 0.5}
+    assert ivr["tokens_seen"] * 2 == control["tokens_seen"] and ivr["training_flops"] * 2 == control["training_flops"]
+    for stats, name in ((ivr, "sft"), (control, "control")):
+        records = [json.loads(l) for l in (workdir / f"results/model/{name}/train_log.jsonl").read_text().splitlines()]
+        measured = [r["step"] for r in records if "dev_bpb" in r]
+        assert measured == list(range(0, stats["optimizer_steps"] + 1, 4))
+        assert all("general_dev_bpb" in r for r in records if "dev_bpb" in r)
+        assert stats["dev_bpb"]["dev_bpb"] == records[-1]["dev_bpb"]
+    splits = {s: set((workdir / f"results/corpus/domain/{s}.jsonl").read_text(encoding="utf-8").splitlines())
+              for s in ("train", "dev", "heldout")}
+    assert splits["dev"] and not splits["dev"] & splits["heldout"] and not splits["dev"] & splits["train"]
+    report = (final_model.parent / "report" / "validation.html").read_text(encoding="utf-8")
+    assert "<h2>Training compute</h2>" in report and "bytes of text seen" in report
+    headline = json.loads((final_model.parent / "report" / "validation.json").read_text())["headline"]
+    assert headline["ivr_training_flops_share"] == 0.5
+
+
+def test_a_branchs_own_settings_rerun_only_that_branch(final_model, workdir):
+    (workdir / "lr.yaml").write_text("training:\n  control_lr: 3.0e-4\n")
+    planned = jobs_run(snakemake(workdir, "results/final_model", "-n", configs=("lr.yaml",)))
+    assert "train_sft" in planned and "pack_data" not in planned
+    dry = snakemake(workdir, "results/final_model", "-n", configs=("lr.yaml",)).stdout
+    assert "trained=control" in dry and "trained=sft" not in dry
+    (workdir / "budget.yaml").write_text("training:\n  budget: 1.0\n")
+    dry = snakemake(workdir, "results/final_model", "-n", configs=("budget.yaml",)).stdout
+    assert "trained=sft" in dry and "trained=control" not in dry

@@ -17,7 +17,7 @@ from ivr.cli import log
 # Settings that change how a run is carried out or reported, not what it computes: they may change
 # between a kill and the rerun without invalidating the checkpoints.
 OPERATIONAL = ("accelerate", "gpus", "threads", "control", "compile", "loss_chunk_tokens", "log_every",
-               "checkpoint_every", "frozen_check_every")
+               "checkpoint_every", "frozen_check_every", "eval_every", "eval_documents", "eval_byte_budget")
 KEEP_CHECKPOINTS = 2
 CHECKPOINT_GLOB = "step-" + "[0-9]" * 7  # complete checkpoints; one being written is step-NNNNNNN.partial
 
@@ -27,14 +27,14 @@ def file_digest(path: Path) -> str:
         return hashlib.file_digest(handle, "blake2b").hexdigest()
 
 
-def run_key(model: str, data_meta: dict, budget_meta: dict, rules: str | None, settings: dict,
+def run_key(model: str, data_meta: dict, reference_digest: str | None, rules: str | None, settings: dict,
             world: dict) -> str:
     """Hash of everything a run's result depends on: inputs, settings and the process layout."""
     h = hashlib.blake2b(digest_size=16)
     folder = Path(model)
     files = sorted(p for p in folder.iterdir() if p.is_file()) if folder.is_dir() else []
     h.update(json.dumps([model] if not files else [(p.name, file_digest(p)) for p in files]).encode())
-    h.update(json.dumps([data_meta, budget_meta["digest"]], sort_keys=True).encode())
+    h.update(json.dumps([data_meta, reference_digest], sort_keys=True).encode())
     h.update(Path(rules).read_bytes() if rules else b"no rules")
     semantic = {k: v for k, v in settings.items() if k not in OPERATIONAL}
     h.update(json.dumps([semantic, world], sort_keys=True).encode())

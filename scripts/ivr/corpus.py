@@ -191,10 +191,17 @@ def document_hash(text: str) -> bytes:
     return hashlib.blake2b(text.encode("utf-8"), digest_size=16).digest()
 
 
-def is_heldout(text: str, seed: int, fraction: float) -> bool:
-    """Deterministic, order-independent split: a seeded hash of the document decides."""
+def split_of(text: str, seed: int, heldout_fraction: float, dev_fraction: float = 0.0) -> str:
+    """Deterministic, order-independent split: a seeded hash of the document decides.
+
+    The lowest heldout_fraction of hash values is held out, the next dev_fraction is the dev split
+    (carved out of what would otherwise be training text, so the held-out set does not depend on it),
+    the rest is training text."""
     digest = hashlib.blake2b(text.encode("utf-8"), digest_size=8, key=str(seed).encode()).digest()
-    return int.from_bytes(digest, "big") < fraction * 2**64
+    value = int.from_bytes(digest, "big")
+    if value < heldout_fraction * 2**64:
+        return "heldout"
+    return "dev" if value < (heldout_fraction + dev_fraction) * 2**64 else "train"
 
 
 def iter_jsonl_texts(path: str | os.PathLike) -> Iterator[str]:

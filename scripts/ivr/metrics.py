@@ -95,7 +95,7 @@ def _device_of(model) -> torch.device:
     return next(model.parameters()).device
 
 
-@torch.inference_mode()
+@torch.no_grad()  # not inference_mode: training measures the dev split with DeepSpeed's gathered weights
 def bits_per_byte(
     model,
     tokenizer,

@@ -16,6 +16,7 @@ import torch
 
 from ivr.checkpoints import Checkpoints, StopRequest, TrainingStopped
 from ivr.cli import UserError
+from ivr.dev_eval import DevEval
 from ivr.held_rows import RowGuard, is_deepspeed
 from ivr.loss import CausalLMLoss, enable_compile
 from ivr.modeling import embedding_layout, embedding_weights, load_causal_lm, load_weights
@@ -213,9 +214,29 @@ def optimizer_step(accelerator, prepared: Prepared, batches, accumulate: int, gr
     return losses, grad_norm
 
 
+@dataclass
+class Watch:
+    """What the train log reports beside the loss: the compute spent so far, and bits per byte on the
+    dev split before the first step, every `eval_every` steps and after the last."""
+
+    dev: DevEval | None
+    eval_every: int
+    total_steps: int
+    flops_per_token: float
+    bytes_per_token: float  # text bytes per token position of the packed data
+
+    def due(self, step: int) -> bool:
+        if self.dev is None:
+            return False
+        return step == self.total_steps or (self.eval_every > 0 and step % self.eval_every == 0)
+
+    def compute(self, tokens: int) -> dict:
+        return {"bytes": round(tokens * self.bytes_per_token), "flops": tokens * self.flops_per_token}
+
+
 def run_stage(accelerator, stage: Stage, model, dataset: PackedBlocks, stream: np.ndarray, settings: dict,
               checkpoints: Checkpoints, progress: Progress, resume: tuple[Path, dict] | None, num_rows: int,
-              vocab: int, logger, stop: StopRequest | None = None) -> Prepared:
+              vocab: int, logger, stop: StopRequest | None = None, watch: Watch | None = None) -> Prepared:
     """Train one stage (resuming inside it when `resume` is one of its checkpoints); raises
     TrainingStopped after saving a checkpoint when `stop` has seen SIGTERM."""
     micro, accumulate = settings["micro_batch_size"], settings["gradient_accumulation"]
@@ -253,6 +274,18 @@ def run_stage(accelerator, stage: Stage, model, dataset: PackedBlocks, stream: n
         if change != 0.0:
             raise RuntimeError(f"held rows moved by {change:g} in stage {stage.index}")
 
+    def measure_dev(record: dict) -> float:
+        """Add dev bits per byte to a log record; returns the seconds it took (not training time)."""
+        began = time.perf_counter()
+        record.update(watch.dev.measure(accelerator, accelerator.unwrap_model(prepared.loss_model).lm))
+        return time.perf_counter() - began
+
+    evaluating = 0.0  # seconds spent measuring the dev split, kept out of training time and tokens/s
+    if watch and watch.due(0) and progress.step == 0:
+        record = {"step": 0, "stage": stage.index, "tokens": 0, **watch.compute(0)}
+        evaluating += measure_dev(record)
+        checkpoints.append_log(record)
+        logger.info(json.dumps(record))
     prepared.loss_model.train()
     batches = iter(prepared.loader)
     started = time.perf_counter()
@@ -274,7 +307,8 @@ def run_stage(accelerator, stage: Stage, model, dataset: PackedBlocks, stream: n
         window_tokens += global_batch * block_tokens
         window_micro += accumulate
         last = stage_step == stage.steps
-        if progress.step % settings["log_every"] == 0 or last:
+        evaluate = watch is not None and watch.due(progress.step)
+        if progress.step % settings["log_every"] == 0 or last or evaluate:
             if is_deepspeed(accelerator):
                 grad_norm = accelerator.clip_grad_norm_(prepared.loss_model.parameters(), settings["grad_clip"])
             now = time.perf_counter()
@@ -283,10 +317,14 @@ def run_stage(accelerator, stage: Stage, model, dataset: PackedBlocks, stream: n
                       "grad_norm": None if grad_norm is None else round(float(grad_norm), 5),
                       "lr": prepared.scheduler.get_last_lr()[0], "tokens": progress.tokens,
                       "tokens_per_s": round(window_tokens / (now - window_start), 1)}
+            if watch:
+                record.update(watch.compute(progress.tokens))
+            if evaluate:
+                evaluating += measure_dev(record)
             checkpoints.append_log(record)
             logger.info(json.dumps(record))
             window_loss.zero_()
-            window_start, window_tokens, window_micro = now, 0, 0
+            window_start, window_tokens, window_micro = time.perf_counter(), 0, 0
         if last or progress.step % settings["frozen_check_every"] == 0:
             check_held("end" if last else f"step {progress.step}")
         saved = last or progress.step % settings["checkpoint_every"] == 0
@@ -294,10 +332,11 @@ def run_stage(accelerator, stage: Stage, model, dataset: PackedBlocks, stream: n
         if saved or stopping:
             checkpoints.save({
                 "step": progress.step, "stage": stage.index, "stage_step": stage_step, "tokens": progress.tokens,
-                "elapsed": progress.elapsed + time.perf_counter() - started, "first_loss": progress.first_loss,
+                "elapsed": progress.elapsed + time.perf_counter() - started - evaluating,
+                "first_loss": progress.first_loss,
                 "checks": progress.checks, "held_digest": guard.digest() if guard else None,
                 "settings": settings, "key": checkpoints.key})
         if stopping:
             raise TrainingStopped(progress.step)
-    progress.elapsed += time.perf_counter() - started
+    progress.elapsed += time.perf_counter() - started - evaluating
     return prepared
