@@ -223,6 +223,9 @@ def train_inputs(wildcards):
     if branch == "ivr":
         inputs["rules"] = "results/remap/remap_rules.yaml"
         inputs["reference"] = "results/data/control/meta.json"
+        if config["training"]["control"] and config["training"]["serial"]:
+            # only the order: ancient() keeps a retrained control from retraining the IVR model
+            inputs["after"] = ancient("results/model/control")
     return inputs
 
 

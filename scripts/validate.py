@@ -121,7 +121,7 @@ def _loss_per_byte(ax, logs: dict, training: dict) -> None:
     ax.set_title("training loss per byte against compute", fontsize=10)
 
 
-COMPUTE_ROWS = (("bytes_seen", "bytes of text seen", 0), ("passes", "passes over its documents", 2),
+COMPUTE_ROWS = (("bytes_seen", "bytes of text seen", 0), ("passes", "passes over its documents", None),
                 ("tokens_seen", "training tokens", 0), ("optimizer_steps", "optimizer steps", 0),
                 ("training_flops", "training FLOPs", None), ("gpu_seconds", "GPU-seconds", 1),
                 ("wall_clock_s", "wall-clock seconds of training", 1))
@@ -137,7 +137,7 @@ def compute_table(results: dict) -> str:
     rows = ""
     for key, label, digits in COMPUTE_ROWS:
         values = [training[n].get(key) for n in names]
-        cells = "".join(f"<td>{'–' if v is None else f'{v:.3e}' if digits is None else f'{v:,.{digits}f}'}</td>" for v in values)
+        cells = "".join(f"<td>{'–' if v is None else f'{v:.4g}' if digits is None else f'{v:,.{digits}f}'}</td>" for v in values)
         if len(values) == 2:
             cells += f"<td>{fmt(values[0] / values[1], 3) if values[0] is not None and values[1] else '–'}</td>"
         rows += f"<tr><td>{label}</td>{cells}</tr>"
@@ -200,7 +200,7 @@ def render_html(results: dict, logs: dict) -> str:
 body{{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}}
 table{{border-collapse:collapse;margin:1em 0}} td,th{{border:1px solid #ccc;padding:.3em .6em;text-align:right}}
 td:first-child,th:first-child{{text-align:left}} .pass td:last-child{{color:#080}} .fail td{{background:#fdd}}
-.headline{{font-size:1.1em}} img{{max-width:48%;margin:.5%}} .samples td{{text-align:left;vertical-align:top;font-size:.85em}}
+.headline{{font-size:1.1em}} img{{max-width:48%;margin:.5%}} .samples td{{text-align:left;vertical-align:top;font-size:.85em;overflow-wrap:anywhere}}
 pre{{background:#f6f6f6;padding:1em;overflow:auto;font-size:.8em}}
 </style></head><body>
 <h1>IVR validation: {html.escape(results['base_model'])}</h1>

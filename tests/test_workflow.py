@@ -100,6 +100,15 @@ def test_dag_renders(workdir):
     assert "<svg" in (workdir / "dag.svg").read_text()
 
 
+def test_the_ivr_model_trains_after_the_control_never_beside_it(workdir):
+    """training.serial (on by default): one GPU (or the CPU cores) is never shared by the two trainings."""
+    dag = snakemake(workdir, "results/model/sft", "--dag").stdout
+    nodes = dict(re.findall(r'(\d+)\[label = "train_sft\\ntrained: (\w+)"', dag))
+    ids = {branch: node for node, branch in nodes.items()}
+    assert set(ids) == {"sft", "control"}, dag[:2000]
+    assert f"{ids['control']} -> {ids['sft']}" in dag
+
+
 @pytest.fixture(scope="module")
 def final_model(workdir) -> Path:
     snakemake(workdir, "results/final_model")
