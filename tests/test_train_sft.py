@@ -286,6 +286,76 @@ def test_compiled_blocks_leave_attention_causal_without_a_dense_mask(monkeypatch
     assert torch.allclose(compiled_loss, eager_loss, atol=1e-4)
 
 
+def tiny_lm(family: str):
+    from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
+
+    config = (GPT2Config(n_layer=2, n_embd=32, n_head=2, n_positions=32, vocab_size=100) if family == "gpt2" else
+              LlamaConfig(num_hidden_layers=2, hidden_size=48, intermediate_size=64, num_attention_heads=3,
+                          num_key_value_heads=1, vocab_size=100))
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").eval()
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_compiled_body_runs_attention_causal_without_a_mask_and_leaves_evaluation_alone(monkeypatch, family):
+    """training.compile_scope=body: embedding, every block and the final norm in one graph; traced whole,
+    transformers would build a dense causal mask, CAUSAL_SDPA keeps SDPA causal without one. Same loss and
+    gradients as eager (GQA included: 3 query heads on 1 key/value head)."""
+    model = tiny_lm(family)
+    loss_model = ivr_loss.CausalLMLoss(model, chunk_tokens=12)
+    ids = torch.randint(0, 100, (2, 16), generator=torch.Generator().manual_seed(1))
+    targets = ids.roll(-1, 1)
+    targets[:, -1] = -100
+    eager_loss = loss_model(ids, targets)
+    eager_grads = torch.autograd.grad(eager_loss, list(model.parameters()))
+    calls = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(*args, attn_mask=None, is_causal=False, **kwargs):
+        calls.append((attn_mask is None, is_causal))
+        return sdpa(*args, attn_mask=attn_mask, is_causal=is_causal, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    monkeypatch.setattr(ivr_loss, "_chunk_fn", ivr_loss._chunk_fn)  # enable_compile replaces it
+    torch._dynamo.reset()
+    try:
+        assert ivr_loss.body_without_mask(model) is None
+        assert ivr_loss.compiled_regions(model, "body") == [model.base_model]
+        assert ivr_loss.enable_compile(loss_model, scope="body") == "body"
+        compiled_loss = loss_model(ids, targets)
+        compiled_grads = torch.autograd.grad(compiled_loss, list(model.parameters()))
+        traced = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    finally:
+        torch._dynamo.reset()
+    assert model.base_model._compiled_call_impl is not None  # the body itself is compiled, in place
+    assert traced >= 1
+    assert len(calls) >= 2 and all(no_mask and causal for no_mask, causal in calls)
+    assert torch.allclose(compiled_loss, eager_loss, atol=1e-5)
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(compiled_grads, eager_grads))
+    # only our training forward used CAUSAL_SDPA: the model's own forward (evaluation, generation) is
+    # back on sdpa and gets its padding mask
+    assert model.config._attn_implementation == "sdpa"
+    calls.clear()
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    padding = torch.ones_like(ids)
+    padding[0, :3] = 0
+    with torch.no_grad(), torch.compiler.set_stance("force_eager"):
+        model(ids, attention_mask=padding)
+    assert calls and not any(no_mask for no_mask, _ in calls)
+
+
+def test_a_model_without_plain_causal_attention_is_compiled_by_blocks():
+    from transformers import AutoModelForCausalLM, MistralConfig
+
+    config = MistralConfig(num_hidden_layers=2, hidden_size=32, intermediate_size=64, num_attention_heads=2,
+                           num_key_value_heads=1, vocab_size=100, sliding_window=8)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+    assert "sliding" in ivr_loss.body_without_mask(model)
+    eager = AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+    assert "eager" in ivr_loss.body_without_mask(eager)
+    assert ivr_loss.body_without_mask(tiny_lm("gpt2")) is None
+
+
 def test_deepspeed_config_drops_the_bf16_overflow_scan_unless_the_user_set_it():
     settings = {"grad_clip": 1.0}
     config = {"bf16": {"enabled": True}, "zero_optimization": {"stage": 2, "reduce_bucket_size": "auto"}}
