@@ -6,14 +6,15 @@ sequence length 1024. MFU counts 6 * parameters + 12 * layers * width * sequence
 (attention included, as in the PaLM paper) against a peak of 989 TFLOP/s (H100/H200 bf16 dense).
 
   python bench/train_throughput.py --mode compare --profile
-      one GPU, one command (about 6-7 minutes on an H200, --budget caps it): for GPT-2 and SmolLM2, the
-      HF Trainer (bf16 + torch_compile) and our step at the same batch (--batch, 16) first, our step
-      compiled by blocks at that batch too (the before/after of compile_scope), then each side at its
-      best batch (--hf-best, --ours-best). Every measurement is its own process; up to --concurrency of
-      them compile at once while the one being timed has the GPU to itself (the others are paused with
-      SIGSTOP during its timed steps). Defaults here: 10 warm-up steps (2 of them compiling) + 25 timed.
-      --profile adds the GPU kernel time per step of our step at the same batch, grouped by kind and by
-      kernel, blocks next to body. The table comes last.
+      one GPU, one command (6-7 minutes on an H200; --budget, 360 s, caps the compiles): for GPT-2 and
+      SmolLM2, the HF Trainer (bf16 + torch_compile) and our step at the same batch (--batch, 16) first,
+      our step compiled by blocks at that batch too (the before/after of training.compile_scope), then
+      each side at its best batch (--hf-best, --ours-best), then extras while the budget lasts. Each
+      measurement is its own process; up to --concurrency of them compile at once, while the one being
+      timed has the GPU to itself (the others are paused with SIGSTOP during its timed steps). Defaults
+      here: 10 warm-up steps (the first 2 compiling) and 25 timed steps. --profile adds the GPU kernel
+      time per step of our step at the same batch by kind and by kernel, blocks next to body. The table
+      comes last.
   python bench/train_throughput.py --mode scaling --config deepspeed_zero2 --gpus 2
       our step on one GPU (config/accelerate/single_gpu.yaml), then on --gpus GPUs under --config,
       each through `accelerate launch`; prints the speed-up.
@@ -242,6 +243,10 @@ def kernel_profile(run_step, steps: int) -> dict:
 
 def run_ours(args) -> None:
     prefer_attention(args.attention)
+    if args.cd_tuning:
+        from torch._inductor import config as inductor_config
+
+        inductor_config.coordinate_descent_tuning = True
     overrides = [f"micro_batch_size={args.batch}", f"compile={str(args.compile).lower()}",
                  f"loss_chunk_tokens={args.chunk}", "weight_decay=0.1", "warmup_share=0"]
     if args.scope:
@@ -284,11 +289,17 @@ def run_ours(args) -> None:
         timer.step()
     timer.stop()
     accelerator.wait_for_everyone()
-    profile = kernel_profile(step, args.profile_steps) if args.profile_steps else None
+    profile = None
+    if args.profile_steps:
+        try:
+            profile = kernel_profile(step, args.profile_steps)
+        except Exception as err:  # the measurement above still counts
+            profile = {"error": f"{type(err).__name__}: {err}"[:300]}
     if accelerator.is_main_process:
         timing = timer.record(args.steps, args.batch * SEQ * world)
         result({"mode": "ours", "model": args.model, "batch": args.batch, "gpus": world,
                 "distributed": accelerator.distributed_type.name, "compile": args.compile, "scope": scope,
+                "cd_tuning": args.cd_tuning,
                 **timing, "mfu": timing["tokens_per_s"] / world * flops / PEAK_FLOPS, "loss": float(losses[-1]),
                 "peak_memory_gib": peak_memory_gib(), **environment(), "profile": profile})
 
@@ -392,7 +403,7 @@ def spawn(command: list[str]) -> dict:
 
 
 def own(args, mode: str, model: str, batch: int, scope: str | None = None, profile_steps: int = 0,
-        handshake: bool = False) -> list[str]:
+        handshake: bool = False, cd_tuning: bool = False) -> list[str]:
     scope = scope or args.scope
     return (["bench/train_throughput.py", "--mode", mode, "--model", model, "--batch", str(batch),
              "--steps", str(args.steps), "--warmup", str(args.warmup), "--compile-steps", str(args.compile_steps),
@@ -401,7 +412,8 @@ def own(args, mode: str, model: str, batch: int, scope: str | None = None, profi
             + (["--scope", scope] if scope and mode == "ours" else [])
             + (["--attention", args.attention] if args.attention != "default" and mode == "ours" else [])
             + (["--profile-steps", str(profile_steps)] if profile_steps else [])
-            + (["--handshake"] if handshake else []))
+            + (["--handshake"] if handshake else [])
+            + (["--cd-tuning"] if (cd_tuning or args.cd_tuning) and mode == "ours" else []))
 
 
 def describe(name: str, r: dict, anchor: dict | None = None) -> str:
@@ -446,6 +458,7 @@ class Job:
     scope: str | None = None  # ours: body | blocks
     section: str = "same"  # same: at the same batch; best: each side's best batch; extra
     profile_steps: int = 0
+    cd_tuning: bool = False  # ours: inductor's coordinate-descent tuning of its kernels' block sizes
     alone: bool = False  # ran out of GPU memory next to others: again, alone
     state: str = "pending"  # pending -> compiling -> ready -> measuring -> done
     paused: bool = False
@@ -461,7 +474,8 @@ class Job:
 
     @property
     def label(self) -> str:
-        return f"{self.model} {self.side}{' ' + self.scope if self.scope else ''} b{self.batch}"
+        return (f"{self.model} {self.side}{' ' + self.scope if self.scope else ''} b{self.batch}"
+                + (" cd-tuned" if self.cd_tuning else ""))
 
     @property
     def gib(self) -> float:
@@ -483,11 +497,23 @@ def compare_jobs(args) -> list[Job]:
             jobs.append(Job(model, "hf", hf_best[model], section="best"))
         if ours_best[model] != args.batch:
             jobs.append(Job(model, "ours", ours_best[model], "body", section="best"))
-    if args.extras:
+    if args.extras:  # GPT-2 (furthest from 1.5x) first
         for model in args.models:
+            jobs.append(Job(model, "ours", args.batch, "body", section="extra", cd_tuning=True))
             if ours_best[model] != args.batch:
                 jobs.append(Job(model, "ours", ours_best[model], "blocks", section="extra"))
     return jobs
+
+
+def die_with_parent() -> None:
+    """In a measurement's process, before it starts: SIGKILL when the comparing process dies (its own
+    session keeps it out of the signals sent to the comparing process's group)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
 
 
 class Scheduler:
@@ -522,12 +548,13 @@ class Scheduler:
         env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "TORCHINDUCTOR_CACHE_DIR": str(cache / "inductor"),
                "TRITON_CACHE_DIR": str(cache / "triton")}
         env.setdefault("TORCHINDUCTOR_COMPILE_THREADS", str(max(2, (os.cpu_count() or 8) // self.args.concurrency)))
-        argv = own(self.args, job.side, job.model, job.batch, job.scope, job.profile_steps, handshake=True)
+        argv = own(self.args, job.side, job.model, job.batch, job.scope, job.profile_steps, handshake=True,
+                   cd_tuning=job.cd_tuning)
         job.stderr = cache / "stderr.txt"
         with open(job.stderr, "w") as err:
             job.proc = subprocess.Popen([sys.executable, *argv], cwd=ROOT, env=env, stdin=subprocess.PIPE,
                                         stdout=subprocess.PIPE, stderr=err, text=True, bufsize=1,
-                                        start_new_session=True)
+                                        start_new_session=True, preexec_fn=die_with_parent)
         job.state, job.started, job.result, job.error, job.killed = "compiling", time.monotonic(), None, None, False
         threading.Thread(target=self.read, args=(job, job.proc), daemon=True).start()
 
@@ -667,12 +694,18 @@ def disturbed(r: dict) -> bool:
 
 
 def table_row(job: Job, anchor: Job | None) -> str:
-    run = "HF Trainer bf16+compile" if job.side == "hf" else SCOPE_NAMES.get(
-        (job.result or {}).get("scope", job.scope), f"ours, {job.scope}")
+    r = job.result or {}
+    if job.side == "hf":
+        run = "HF Trainer bf16+compile" if r.get("compile", True) else "HF Trainer, eager"
+    else:
+        run = SCOPE_NAMES.get(r.get("scope", job.scope), f"ours, {job.scope}")
+        if r.get("scope") == "eager":
+            run += f" ({job.scope})"
+        run += ", cd-tuned" if job.cd_tuning else ""
     head = f"  {NAMES[job.model]:<13} {run:<27} {job.batch:>5}"
     if not job.result:
         return f"{head}  {job.error or 'not run'}"
-    r, x = job.result, ratio(job, anchor)
+    x = ratio(job, anchor)
     return (f"{head} {r['tokens_per_s'] / 1e3:8.1f}k {100 * r['mfu']:5.1f} % {r['peak_memory_gib']:6.1f} GiB"
             f"{'' if x is None else f'  {x:.2f}x'}{' ~' if disturbed(r) else ''}")
 
@@ -682,6 +715,10 @@ def print_profiles(jobs: list[Job]) -> None:
     for model in MODELS:
         pair = {j.scope: j for j in jobs if j.model == model and j.section == "same" and j.side == "ours"
                 and j.result and j.result.get("profile")}
+        for scope, job in list(pair.items()):
+            if "error" in job.result["profile"]:
+                print(f"\nPROFILE {job.label} failed: {job.result['profile']['error']}")
+                del pair[scope]
         if not pair:
             continue
         scopes = [s for s in ("blocks", "body") if s in pair]
@@ -704,6 +741,7 @@ def print_profiles(jobs: list[Job]) -> None:
 
 
 def run_compare(args) -> None:
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # through Scheduler.run's cleanup
     jobs = compare_jobs(args)
     scheduler = Scheduler(args, jobs)
     scheduler.say(f"{len(jobs)} measurements, up to {args.concurrency} at once, budget {args.budget:.0f} s"
@@ -713,8 +751,8 @@ def run_compare(args) -> None:
     print_profiles(jobs)
     env = next((j.result for j in jobs if j.result), {})
 
-    def find(model, side, batch, scope=None):
-        return next((j for j in jobs if (j.model, j.side, j.batch) == (model, side, batch)
+    def find(model, side, batch, scope=None, cd_tuning=False):
+        return next((j for j in jobs if (j.model, j.side, j.batch, j.cd_tuning) == (model, side, batch, cd_tuning)
                      and (side == "hf" or j.scope == scope)), None)
 
     hf_best, ours_best = dict(zip(MODELS, args.hf_best)), dict(zip(MODELS, args.ours_best))
@@ -728,8 +766,10 @@ def run_compare(args) -> None:
     print(header)
     for model in args.models:
         hf = find(model, "hf", b)
-        for job in (hf, find(model, "ours", b, "body"), find(model, "ours", b, "blocks")):
-            print(table_row(job, None if job is hf else hf))
+        for job in (hf, find(model, "ours", b, "body"), find(model, "ours", b, "blocks"),
+                    find(model, "ours", b, "body", cd_tuning=True)):
+            if job is not None:
+                print(table_row(job, None if job is hf else hf))
     print("BEST BATCH OF EACH (labelled; not the same-batch figure): ours vs HF, each at its own batch")
     print(header)
     for model in args.models:
@@ -738,13 +778,15 @@ def run_compare(args) -> None:
             if job is not None:
                 print(table_row(job, None if job is hf else hf))
     print("SUMMARY")
-    for scope in ("body", "blocks"):
+    for scope, cd in (("body", False), ("blocks", False), ("body", True)):
         cells = []
         for model in args.models:
-            x = ratio(find(model, "ours", b, scope), find(model, "hf", b))
+            x = ratio(find(model, "ours", b, scope, cd), find(model, "hf", b))
             cells.append(f"{NAMES[model]} {'-' if x is None else f'{x:.2f}x'}" + ("" if x is None else
                          (" (>= 1.5)" if x >= 1.5 else " (< 1.5)")))
-        print(f"  same batch {b}, compile_scope={scope}: " + ", ".join(cells))
+        if not cd or any(find(model, "ours", b, scope, cd) and find(model, "ours", b, scope, cd).result
+                         for model in args.models):
+            print(f"  same batch {b}, compile_scope={scope}{' + cd-tuning' if cd else ''}: " + ", ".join(cells))
     cells = []
     for model in args.models:
         x = ratio(find(model, "ours", b, "body"), find(model, "ours", b, "blocks"))
@@ -792,7 +834,7 @@ def main() -> None:
                         help="compare: our best batch for gpt2,smollm2")
     parser.add_argument("--extras", action=argparse.BooleanOptionalAction, default=True,
                         help="compare: also our step by blocks at the best batch, if the budget allows")
-    parser.add_argument("--budget", type=float, default=390, help="compare: seconds after which no compile "
+    parser.add_argument("--budget", type=float, default=360, help="compare: seconds after which no compile "
                         "starts or continues (timed steps of runs already compiled still finish)")
     parser.add_argument("--concurrency", type=int, default=3, help="compare: processes at once")
     parser.add_argument("--memory-share", type=float, default=0.7, help="compare: share of GPU memory the "
@@ -802,8 +844,10 @@ def main() -> None:
     parser.add_argument("--min-compile-s", type=float, default=60, help="compare: no process starts with less "
                         "budget left")
     parser.add_argument("--measure-timeout-s", type=float, default=240)
-    parser.add_argument("--grace-s", type=float, default=120, help="compare: after the budget, at most this "
+    parser.add_argument("--grace-s", type=float, default=90, help="compare: after the budget, at most this "
                         "long for runs already compiled")
+    parser.add_argument("--cd-tuning", action="store_true", help="ours: inductor's coordinate-descent tuning "
+                        "(compare: an extra run at the same batch has it anyway)")
     parser.add_argument("--handshake", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--config", default="deepspeed_zero2", help="accelerate config for --mode scaling")
     parser.add_argument("--gpus", type=int, default=2, help="GPUs for --mode scaling")

@@ -124,18 +124,22 @@ class CausalLMLoss(torch.nn.Module):
 CAUSAL_SDPA = "ivr_causal_sdpa"
 
 
-def _causal_sdpa(module, query, key, value, attention_mask, **kwargs):
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+_sdpa_forward = None  # transformers' sdpa_attention_forward, once registered
 
+
+def _causal_sdpa(module, query, key, value, attention_mask, **kwargs):
     if attention_mask is not None:
         raise RuntimeError(f"{CAUSAL_SDPA} got an attention mask: this model builds its masks outside "
                            "transformers.masking_utils; compile it by blocks (training.compile_scope: blocks)")
-    return sdpa_attention_forward(module, query, key, value, None, **kwargs)  # is_causal=True, no mask
+    return _sdpa_forward(module, query, key, value, None, **kwargs)  # no mask: is_causal=True
 
 
 def register_causal_sdpa() -> None:
+    global _sdpa_forward
     from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+    _sdpa_forward = sdpa_attention_forward
     AttentionInterface.register(CAUSAL_SDPA, _causal_sdpa)
 
 
