@@ -356,6 +356,17 @@ def test_a_model_without_plain_causal_attention_is_compiled_by_blocks():
     assert ivr_loss.body_without_mask(tiny_lm("gpt2")) is None
 
 
+def test_compile_scope_body_only_where_one_graph_may_span_the_blocks():
+    from types import SimpleNamespace
+
+    def scope(kind, settings):
+        return trainer.compile_scope(SimpleNamespace(distributed_type=SimpleNamespace(name=kind)), settings)
+
+    assert scope("NO", {"compile_scope": "body"}) == "body" and scope("MULTI_GPU", {"compile_scope": "body"}) == "body"
+    assert scope("DEEPSPEED", {"compile_scope": "body"}) == "blocks" and scope("FSDP", {"compile_scope": "body"}) == "blocks"
+    assert scope("NO", {"compile_scope": "blocks"}) == "blocks" and scope("NO", {}) == "blocks"
+
+
 def test_deepspeed_config_drops_the_bf16_overflow_scan_unless_the_user_set_it():
     settings = {"grad_clip": 1.0}
     config = {"bf16": {"enabled": True}, "zero_optimization": {"stage": 2, "reduce_bucket_size": "auto"}}
