@@ -344,6 +344,28 @@ def test_compiled_body_runs_attention_causal_without_a_mask_and_leaves_evaluatio
     assert calls and not any(no_mask for no_mask, _ in calls)
 
 
+def test_held_rows_get_no_gradient_from_a_body_compiled_whole(monkeypatch):
+    """The row guard's gradient hook (registered before compiling, as prepare_stage does) still zeroes the
+    held rows when the embedding's gradient comes out of the compiled body (tied head: two uses)."""
+    from ivr.held_rows import RowGuard
+
+    model = tiny_lm("gpt2")
+    weight = model.get_input_embeddings().weight
+    held = np.arange(0, 100, 2)
+    RowGuard([weight], held, 100)
+    loss_model = ivr_loss.CausalLMLoss(model, chunk_tokens=12)
+    monkeypatch.setattr(ivr_loss, "_chunk_fn", ivr_loss._chunk_fn)
+    torch._dynamo.reset()
+    try:
+        assert ivr_loss.enable_compile(loss_model, scope="body") == "body"
+        ids = torch.arange(32).reshape(2, 16) * 3 % 100
+        loss_model(ids, ids.roll(-1, 1)).backward()
+    finally:
+        torch._dynamo.reset()
+    assert not weight.grad[held].any()
+    assert weight.grad[np.setdiff1d(np.arange(100), held)].abs().sum(dim=1).gt(0).sum() > 40
+
+
 def test_a_model_without_plain_causal_attention_is_compiled_by_blocks():
     from transformers import AutoModelForCausalLM, MistralConfig
 
