@@ -427,7 +427,7 @@ def describe(name: str, r: dict, anchor: dict | None = None) -> str:
 # ---- --mode compare -------------------------------------------------------------------------------
 MODELS = ("gpt2", "smollm2")
 NAMES = {"gpt2": "GPT-2 124M", "smollm2": "SmolLM2-135M"}
-SCOPE_NAMES = {"body": "ours, compiled as one body", "blocks": "ours, compiled by blocks", "eager": "ours, eager"}
+SCOPE_NAMES = {"body": "ours (body)", "blocks": "ours (blocks)", "eager": "ours (eager)"}
 
 
 def estimated_gib(side: str, model: str, batch: int) -> float:
@@ -696,13 +696,13 @@ def disturbed(r: dict) -> bool:
 def table_row(job: Job, anchor: Job | None) -> str:
     r = job.result or {}
     if job.side == "hf":
-        run = "HF Trainer bf16+compile" if r.get("compile", True) else "HF Trainer, eager"
+        run = "HF Trainer (bf16+compile)" if r.get("compile", True) else "HF Trainer (eager)"
     else:
-        run = SCOPE_NAMES.get(r.get("scope", job.scope), f"ours, {job.scope}")
+        run = SCOPE_NAMES.get(r.get("scope", job.scope), f"ours ({job.scope})")
         if r.get("scope") == "eager":
-            run += f" ({job.scope})"
-        run += ", cd-tuned" if job.cd_tuning else ""
-    head = f"  {NAMES[job.model]:<13} {run:<27} {job.batch:>5}"
+            run = f"ours ({job.scope}, eager)"
+        run = run[:-1] + ", cd-tuned)" if job.cd_tuning else run
+    head = f"  {NAMES[job.model]:<13} {run:<25} {job.batch:>5}"
     if not job.result:
         return f"{head}  {job.error or 'not run'}"
     x = ratio(job, anchor)
@@ -761,7 +761,7 @@ def run_compare(args) -> None:
           f"transformers {env.get('transformers', '?')}; seq {SEQ}; per run {args.warmup} warm-up steps "
           f"({args.compile_steps} compiling) then {args.steps} timed; MFU of {PEAK_FLOPS / 1e12:.0f} TFLOP/s; "
           f"{elapsed:.0f} s in all")
-    header = f"  {'model':<13} {'run':<27} {'batch':>5} {'tokens/s':>9} {'MFU':>7} {'memory':>10}  vs HF"
+    header = f"  {'model':<13} {'run':<25} {'batch':>5} {'tokens/s':>9} {'MFU':>7} {'memory':>10}  vs HF"
     print(f"SAME BATCH ({b}): our step / the HF Trainer, both at batch {b}")
     print(header)
     for model in args.models:
@@ -836,7 +836,7 @@ def main() -> None:
                         help="compare: also our step by blocks at the best batch, if the budget allows")
     parser.add_argument("--budget", type=float, default=360, help="compare: seconds after which no compile "
                         "starts or continues (timed steps of runs already compiled still finish)")
-    parser.add_argument("--concurrency", type=int, default=3, help="compare: processes at once")
+    parser.add_argument("--concurrency", type=int, default=4, help="compare: processes at once")
     parser.add_argument("--memory-share", type=float, default=0.7, help="compare: share of GPU memory the "
                         "processes at once may need (by estimate)")
     parser.add_argument("--settle", type=float, default=1.0, help="compare: seconds between pausing the "
