@@ -159,6 +159,22 @@ def reference(tmp_path_factory, tiny_gpt2_dir, packed, rules_file) -> Path:
     return tmp / "out"
 
 
+def test_training_compiled_as_one_body_holds_rows_and_starts_at_the_eager_loss(tmp_path, tiny_gpt2_dir, packed,
+                                                                                  rules_file, reference):
+    """training.compile_scope=body through train_sft.py: both stages, held rows bit-identical, and the
+    first loss that of the eager run up to dropout's other random stream."""
+    out = tmp_path / "out"
+    log = run(train_command(tiny_gpt2_dir, packed, out, tmp_path / "ck", rules_file, "compile=true",
+                            "compile_scope=body"))
+    assert "compiling by blocks" not in log
+    before, after = weights(tiny_gpt2_dir), weights(out)
+    emb = "transformer.wte.weight"
+    assert torch.equal(after[emb][FROZEN], before[emb][FROZEN])
+    assert stats(out)["held_rows_vs_input"]["max_abs_change_before_restore"] == 0.0
+    assert all(c["max_abs_change"] == 0.0 for c in stats(out)["held_row_checks"])
+    assert abs(stats(out)["first_loss"] - stats(reference)["first_loss"]) < 0.1
+
+
 def start_and_kill(command: list[str], checkpoints: Path, after_step: int) -> None:
     """Start a training run and SIGKILL it as soon as a checkpoint past `after_step` exists."""
     process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
