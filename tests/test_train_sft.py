@@ -382,13 +382,18 @@ def test_held_rows_get_no_gradient_from_a_body_compiled_whole(monkeypatch):
     assert weight.grad[np.setdiff1d(np.arange(100), held)].abs().sum(dim=1).gt(0).sum() > 40
 
 
-def test_a_model_without_plain_causal_attention_is_compiled_by_blocks():
+def test_a_model_without_plain_causal_attention_is_compiled_by_blocks(monkeypatch):
     from transformers import AutoModelForCausalLM, MistralConfig
 
     config = MistralConfig(num_hidden_layers=2, hidden_size=32, intermediate_size=64, num_attention_heads=2,
                            num_key_value_heads=1, vocab_size=100, sliding_window=8)
     model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
     assert "sliding" in ivr_loss.body_without_mask(model)
+    monkeypatch.setattr(ivr_loss, "_chunk_fn", ivr_loss._chunk_fn)
+    loss_model = ivr_loss.CausalLMLoss(model, chunk_tokens=12)
+    assert ivr_loss.enable_compile(loss_model, scope="body") == "blocks" and not loss_model.causal_attention
+    assert model.base_model._compiled_call_impl is None
+    assert all(block._compiled_call_impl is not None for block in model.base_model.layers)
     eager = AutoModelForCausalLM.from_config(config, attn_implementation="eager")
     assert "eager" in ivr_loss.body_without_mask(eager)
     assert ivr_loss.body_without_mask(tiny_lm("gpt2")) is None
