@@ -817,8 +817,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, help="timed steps (compare: 25, otherwise 40)")
     parser.add_argument("--warmup", type=int, help="steps before timing, compilation included (compare: 10, "
                         "otherwise 15)")
-    parser.add_argument("--compile-steps", type=int, default=2, help="of the warm-up steps, those that compile "
-                        "(compare: run while other measurements compile too)")
+    parser.add_argument("--compile-steps", type=int, help="of the warm-up steps, those that compile (compare: "
+                        "run while other measurements compile too); 2, or --warmup if fewer")
     parser.add_argument("--chunk", type=int, default=8192, help="tokens per chunk of the loss (the training default)")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--compile-mode", help="torch.compile mode for ours, e.g. max-autotune-no-cudagraphs")
@@ -862,6 +862,8 @@ def main() -> None:
     args.warmup = args.warmup if args.warmup is not None else (10 if compare else 15)
     if compare and args.profile and not args.profile_steps:
         args.profile_steps = 3
+    if args.compile_steps is None:
+        args.compile_steps = min(2, args.warmup)
     if not 1 <= args.compile_steps <= args.warmup:
         parser.error("--compile-steps must be between 1 and --warmup")
     if any(m not in MODELS for m in args.models):
