@@ -5,10 +5,16 @@ Models are built from their configs (no weights needed): GPT-2 124M and SmolLM2-
 sequence length 1024. MFU counts 6 * parameters + 12 * layers * width * sequence FLOPs per token
 (attention included, as in the PaLM paper) against a peak of 989 TFLOP/s (H100/H200 bf16 dense).
 
-  python bench/train_throughput.py --mode compare
-      one GPU, one command: HF Trainer (bf16 + torch_compile, batch 16) and our step (batch 16 and
-      --batch) on GPT-2 in separate processes of the same run, then our step on SmolLM2-135M; prints
-      tokens/s, the ratio to the Trainer and MFU.
+  python bench/train_throughput.py --mode compare --profile
+      one GPU, one command (6-7 minutes on an H200; --budget, 360 s, caps the compiles): for GPT-2 and
+      SmolLM2, the HF Trainer (bf16 + torch_compile) and our step at the same batch (--batch, 16) first,
+      our step compiled by blocks at that batch too (the before/after of training.compile_scope), then
+      each side at its best batch (--hf-best, --ours-best), then extras while the budget lasts. Each
+      measurement is its own process; up to --concurrency of them compile at once, while the one being
+      timed has the GPU to itself (the others are paused with SIGSTOP during its timed steps). Defaults
+      here: 10 warm-up steps (the first 2 compiling) and 25 timed steps. --profile adds the GPU kernel
+      time per step of our step at the same batch by kind and by kernel, blocks next to body. The table
+      comes last.
   python bench/train_throughput.py --mode scaling --config deepspeed_zero2 --gpus 2
       our step on one GPU (config/accelerate/single_gpu.yaml), then on --gpus GPUs under --config,
       each through `accelerate launch`; prints the speed-up.
@@ -26,10 +32,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import queue
+import re
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from collections import defaultdict, deque
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -114,6 +126,13 @@ def result(record: dict) -> None:
     print("RESULT " + json.dumps(record), flush=True)
 
 
+def environment() -> dict:
+    import transformers
+
+    return {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU",
+            "torch": torch.__version__, "transformers": transformers.__version__}
+
+
 def prefer_attention(name: str) -> None:
     """Experiment: put one SDPA backend first for everything that follows (compiled graphs included)."""
     if name == "default":
@@ -126,17 +145,119 @@ def prefer_attention(name: str) -> None:
     sdpa_kernel([first, *rest], set_priority=True).__enter__()
 
 
+def wait_for_turn(args) -> None:
+    """--handshake (set by --mode compare): the compile steps are done; say so, then wait until the
+    comparing process gives this one the GPU (it pauses the measurements still compiling meanwhile)."""
+    if not args.handshake:
+        return
+    sync()
+    print("READY", flush=True)
+    if sys.stdin.readline().strip() != "go":
+        raise SystemExit("the comparing process went away")
+
+
+class StepTimes:
+    """The timed window's wall-clock (what tokens/s is computed from) and, on GPU, each step's time on
+    the stream from CUDA events: a median step far from the mean flags a disturbed window."""
+
+    def __init__(self) -> None:
+        self.events: list = []
+        self.started = 0.0
+        self.seconds = 0.0
+
+    def start(self) -> None:
+        sync()
+        self.started = time.perf_counter()
+        if torch.cuda.is_available():
+            self.events = [torch.cuda.Event(enable_timing=True)]
+            self.events[0].record()
+
+    def step(self) -> None:
+        if self.events:
+            self.events.append(torch.cuda.Event(enable_timing=True))
+            self.events[-1].record()
+
+    def stop(self) -> None:
+        sync()
+        self.seconds = time.perf_counter() - self.started
+
+    def record(self, steps: int, tokens_per_step: int) -> dict:
+        out = {"tokens_per_s": steps * tokens_per_step / self.seconds, "seconds": self.seconds}
+        if len(self.events) > 1:
+            ms = sorted(a.elapsed_time(b) for a, b in zip(self.events, self.events[1:]))
+            median = (ms[(len(ms) - 1) // 2] + ms[len(ms) // 2]) / 2
+            out["median_step_tokens_per_s"] = tokens_per_step / (median / 1e3)
+            out["step_ms"] = [round(ms[0], 2), round(median, 2), round(ms[-1], 2)]
+        return out
+
+
+# What a kernel is, from its name (first match wins): for the profile's before/after.
+KERNEL_KINDS = (
+    ("matmul", re.compile(r"^triton_tem", re.I)),  # inductor's matmul templates (max-autotune)
+    ("fused (inductor)", re.compile(r"^triton_", re.I)),  # named after the ops they fuse, which may be any
+    ("attention", re.compile(r"flash|fmha|attention|sdpa|attn", re.I)),
+    ("matmul", re.compile(r"gemm|gemv|cutlass|xmma|nvjet|cublas|splitk|sm\d\d_", re.I)),
+    ("optimizer + clip", re.compile(r"multi_tensor|adam|foreach", re.I)),
+    ("copy / memset", re.compile(r"memcpy|memset|copy_kernel|cat_", re.I)),
+    ("eager element-wise", re.compile(r"elementwise|vectorized|reduce|index|scatter|gather|embedding|sort|"
+                                      r"softmax|norm|dropout|fill|where|arange", re.I)),
+)
+
+
+def kernel_kind(name: str) -> str:
+    return next((kind for kind, pattern in KERNEL_KINDS if pattern.search(name)), "other")
+
+
+def short_kernel_name(name: str) -> str:
+    """A kernel's name without return type, namespaces and template arguments."""
+    short = re.sub(r"^void |\(anonymous namespace\)::", "", name)
+    short = re.split(r"[<(]", short)[0].rsplit("::", 1)[-1]
+    return (short.strip() or name)[:64]
+
+
+def kernel_profile(run_step, steps: int) -> dict:
+    """GPU kernel time per step over `steps` more steps under torch.profiler, by kind and by kernel."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = torch.cuda.is_available()  # on CPU (a smoke test) the operators, nested ones counted twice
+    sync()
+    with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+        started = time.perf_counter()
+        for _ in range(steps):
+            run_step()
+        sync()
+        wall = time.perf_counter() - started
+    by_name: dict[str, float] = defaultdict(float)
+    by_kind: dict[str, float] = defaultdict(float)
+    for event in prof.events():
+        if event.device_type != (DeviceType.CUDA if cuda else DeviceType.CPU):
+            continue
+        us = (event.time_range.end - event.time_range.start) / steps
+        by_name[short_kernel_name(event.name)] += us
+        by_kind[kernel_kind(event.name)] += us
+    top = sorted(by_name.items(), key=lambda item: -item[1])[:12]
+    return {"steps": steps, "wall_ms": 1e3 * wall / steps, "kernel_ms": sum(by_kind.values()) / 1e3,
+            "kinds": {k: v / 1e3 for k, v in by_kind.items()}, "top": [[n, v / 1e3] for n, v in top]}
+
+
 def run_ours(args) -> None:
     prefer_attention(args.attention)
-    settings = resolve_settings({}, [f"micro_batch_size={args.batch}", f"compile={str(args.compile).lower()}",
-                                       f"loss_chunk_tokens={args.chunk}", "weight_decay=0.1", "warmup_share=0"],
-                                  validate=False)
+    if args.cd_tuning:
+        from torch._inductor import config as inductor_config
+
+        inductor_config.coordinate_descent_tuning = True
+    overrides = [f"micro_batch_size={args.batch}", f"compile={str(args.compile).lower()}",
+                 f"loss_chunk_tokens={args.chunk}", "weight_decay=0.1", "warmup_share=0"]
+    if args.scope:
+        overrides.append(f"compile_scope={args.scope}")
+    settings = resolve_settings({}, overrides, validate=False)
     accelerator = make_accelerator(settings)
     with whole_models(accelerator):
         model = build_model(args.model)
     flops = flops_per_token(model, SEQ)
     rows = model.get_input_embeddings().weight.shape[0]
-    total = args.warmup + args.steps
+    total = args.warmup + args.steps + args.profile_steps
     stage = Stage(2, "full", 0, total, settings["lr"], np.arange(rows), np.zeros(0, np.int64))
     model = set_trainable(model, stage, settings)
     world = accelerator.num_processes
@@ -144,24 +265,43 @@ def run_ours(args) -> None:
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch, sampler=IndexSampler(np.arange(len(dataset))),
                                          pin_memory=True)
     prepared = prepare_stage(accelerator, stage, model, loader, settings, rows, args.compile_mode)
+    scope = "eager"
+    if args.compile:
+        scope = "body" if accelerator.unwrap_model(prepared.loss_model).causal_attention else "blocks"
     prepared.loss_model.train()
     batches = iter(prepared.loader)
-    for step in range(total):
-        if step == args.warmup:
-            sync()
-            accelerator.wait_for_everyone()
-            started = time.perf_counter()
-        losses, _ = optimizer_step(accelerator, prepared, batches, 1, settings["grad_clip"])
+    losses = []
+
+    def step() -> None:
+        losses[:] = optimizer_step(accelerator, prepared, batches, 1, settings["grad_clip"])[0]
         prepared.scheduler.step()
-    sync()
+
+    for _ in range(args.compile_steps):
+        step()
+    wait_for_turn(args)
+    for _ in range(args.compile_steps, args.warmup):
+        step()
     accelerator.wait_for_everyone()
-    seconds = time.perf_counter() - started
-    tokens_per_s = args.steps * args.batch * SEQ * world / seconds
+    timer = StepTimes()
+    timer.start()
+    for _ in range(args.steps):
+        step()
+        timer.step()
+    timer.stop()
+    accelerator.wait_for_everyone()
+    profile = None
+    if args.profile_steps:
+        try:
+            profile = kernel_profile(step, args.profile_steps)
+        except Exception as err:  # the measurement above still counts
+            profile = {"error": f"{type(err).__name__}: {err}"[:300]}
     if accelerator.is_main_process:
+        timing = timer.record(args.steps, args.batch * SEQ * world)
         result({"mode": "ours", "model": args.model, "batch": args.batch, "gpus": world,
-                "distributed": accelerator.distributed_type.name, "compile": args.compile,
-                "tokens_per_s": tokens_per_s, "mfu": tokens_per_s / world * flops / PEAK_FLOPS,
-                "loss": float(losses[-1]), "peak_memory_gib": peak_memory_gib()})
+                "distributed": accelerator.distributed_type.name, "compile": args.compile, "scope": scope,
+                "cd_tuning": args.cd_tuning,
+                **timing, "mfu": timing["tokens_per_s"] / world * flops / PEAK_FLOPS, "loss": float(losses[-1]),
+                "peak_memory_gib": peak_memory_gib(), **environment(), "profile": profile})
 
 
 def run_hf(args) -> None:
@@ -170,25 +310,36 @@ def run_hf(args) -> None:
     model = build_model(args.model)
     flops = flops_per_token(model, SEQ)
     total = args.warmup + args.steps
-    marks: dict[str, float] = {}
+    timer = StepTimes()
+    seen = {}
 
     class Timer(TrainerCallback):
         def on_step_end(self, _args, state, control, **kwargs):
-            if state.global_step in (args.warmup, total):
-                sync()
-                marks["start" if state.global_step == args.warmup else "end"] = time.perf_counter()
+            step = state.global_step
+            if step == args.compile_steps:
+                wait_for_turn(args)
+            if step == args.warmup:
+                timer.start()
+            elif args.warmup < step <= total:
+                timer.step()
+                if step == total:
+                    timer.stop()
+            seen["optimizer"] = kwargs.get("optimizer")
 
     with tempfile.TemporaryDirectory() as out:
+        cuda = torch.cuda.is_available()
         training = TrainingArguments(output_dir=out, per_device_train_batch_size=args.batch, max_steps=total,
-                                     bf16=True, torch_compile=True, learning_rate=1e-4, weight_decay=0.1,
+                                     bf16=cuda, torch_compile=args.compile, learning_rate=1e-4, weight_decay=0.1,
                                      logging_steps=10**6, save_strategy="no", report_to="none",
                                      disable_tqdm=True, dataloader_num_workers=0)
         dataset = RandomBlocks(total * args.batch, model.get_input_embeddings().weight.shape[0], SEQ, hf=True)
         Trainer(model=model, args=training, train_dataset=dataset, callbacks=[Timer()]).train()
-    tokens_per_s = args.steps * args.batch * SEQ / (marks["end"] - marks["start"])
-    result({"mode": "hf", "model": args.model, "batch": args.batch, "gpus": 1, "compile": True,
-            "tokens_per_s": tokens_per_s, "mfu": tokens_per_s * flops / PEAK_FLOPS,
-            "peak_memory_gib": peak_memory_gib()})
+    optimizer = getattr(seen.get("optimizer"), "optimizer", seen.get("optimizer"))
+    timing = timer.record(args.steps, args.batch * SEQ)
+    result({"mode": "hf", "model": args.model, "batch": args.batch, "gpus": 1, "compile": args.compile, **timing,
+            "mfu": timing["tokens_per_s"] * flops / PEAK_FLOPS, "peak_memory_gib": peak_memory_gib(),
+            "optimizer": f"{type(optimizer).__name__} fused={getattr(optimizer, 'defaults', {}).get('fused')}",
+            **environment()})
 
 
 def run_frozen(args) -> None:
@@ -251,11 +402,18 @@ def spawn(command: list[str]) -> dict:
     return json.loads(lines[-1][len("RESULT "):])
 
 
-def own(args, mode: str, model: str, batch: int) -> list[str]:
-    return ["bench/train_throughput.py", "--mode", mode, "--model", model, "--batch", str(batch),
-            "--steps", str(args.steps), "--warmup", str(args.warmup), "--chunk", str(args.chunk),
-            "--seq", str(SEQ), "--compile" if args.compile else "--no-compile"] + (
-                ["--compile-mode", args.compile_mode] if args.compile_mode else [])
+def own(args, mode: str, model: str, batch: int, scope: str | None = None, profile_steps: int = 0,
+        handshake: bool = False, cd_tuning: bool = False) -> list[str]:
+    scope = scope or args.scope
+    return (["bench/train_throughput.py", "--mode", mode, "--model", model, "--batch", str(batch),
+             "--steps", str(args.steps), "--warmup", str(args.warmup), "--compile-steps", str(args.compile_steps),
+             "--chunk", str(args.chunk), "--seq", str(SEQ), "--compile" if args.compile else "--no-compile"]
+            + (["--compile-mode", args.compile_mode] if args.compile_mode else [])
+            + (["--scope", scope] if scope and mode == "ours" else [])
+            + (["--attention", args.attention] if args.attention != "default" and mode == "ours" else [])
+            + (["--profile-steps", str(profile_steps)] if profile_steps else [])
+            + (["--handshake"] if handshake else [])
+            + (["--cd-tuning"] if (cd_tuning or args.cd_tuning) and mode == "ours" else []))
 
 
 def describe(name: str, r: dict, anchor: dict | None = None) -> str:
@@ -266,22 +424,377 @@ def describe(name: str, r: dict, anchor: dict | None = None) -> str:
             f"{r['peak_memory_gib']:5.1f} GiB  {ratio}")
 
 
+# ---- --mode compare -------------------------------------------------------------------------------
+MODELS = ("gpt2", "smollm2")
+NAMES = {"gpt2": "GPT-2 124M", "smollm2": "SmolLM2-135M"}
+SCOPE_NAMES = {"body": "ours (body)", "blocks": "ours (blocks)", "eager": "ours (eager)"}
+
+
+def estimated_gib(side: str, model: str, batch: int) -> float:
+    """Peak GPU memory of one measurement (GiB allocated in earlier H100 runs, plus a margin for what
+    the allocator keeps): what the scheduler lets sit on the GPU side by side."""
+    base, per_block = {("ours", "gpt2"): (3.8, 0.39), ("hf", "gpt2"): (3.0, 0.55),
+                       ("ours", "smollm2"): (2.4, 0.70), ("hf", "smollm2"): (2.4, 0.85)}[side, model]
+    return 1.25 * (base + per_block * batch * SEQ / 1024)
+
+
+def gpu_memory_gib() -> float | None:
+    """GPU 0's memory from nvidia-smi (this process never touches CUDA), None without one."""
+    try:
+        done = subprocess.run(["nvidia-smi", "--query-gpu=memory.total", "--format=csv,noheader,nounits"],
+                              capture_output=True, text=True, timeout=30)
+        return float(done.stdout.split()[0]) / 1024
+    except (OSError, ValueError, IndexError, subprocess.SubprocessError):
+        return None
+
+
+@dataclass
+class Job:
+    """One measurement of --mode compare, run in its own process."""
+
+    model: str
+    side: str  # hf | ours
+    batch: int
+    scope: str | None = None  # ours: body | blocks
+    section: str = "same"  # same: at the same batch; best: each side's best batch; extra
+    profile_steps: int = 0
+    cd_tuning: bool = False  # ours: inductor's coordinate-descent tuning of its kernels' block sizes
+    alone: bool = False  # ran out of GPU memory next to others: again, alone
+    state: str = "pending"  # pending -> compiling -> ready -> measuring -> done
+    paused: bool = False
+    killed: bool = False
+    proc: subprocess.Popen | None = None
+    started: float = 0.0
+    ready_at: float = 0.0
+    go_at: float = 0.0
+    result: dict | None = None
+    error: str | None = None
+    stderr: Path | None = None
+    stdout: deque = field(default_factory=lambda: deque(maxlen=20))
+
+    @property
+    def label(self) -> str:
+        return (f"{self.model} {self.side}{' ' + self.scope if self.scope else ''} b{self.batch}"
+                + (" cd-tuned" if self.cd_tuning else ""))
+
+    @property
+    def gib(self) -> float:
+        return estimated_gib(self.side, self.model, self.batch)
+
+
+def compare_jobs(args) -> list[Job]:
+    """In order of importance (the order they start in): the same-batch pairs, our step by blocks at
+    the same batch (body vs blocks), each side at its best batch, then extras."""
+    hf_best, ours_best = dict(zip(MODELS, args.hf_best)), dict(zip(MODELS, args.ours_best))
+    profile = args.profile_steps if args.profile else 0
+    jobs = []
+    for model in args.models:
+        jobs += [Job(model, "hf", args.batch), Job(model, "ours", args.batch, "body", profile_steps=profile)]
+    for model in args.models:
+        jobs.append(Job(model, "ours", args.batch, "blocks", profile_steps=profile))
+    for model in args.models:
+        if hf_best[model] != args.batch:
+            jobs.append(Job(model, "hf", hf_best[model], section="best"))
+        if ours_best[model] != args.batch:
+            jobs.append(Job(model, "ours", ours_best[model], "body", section="best"))
+    if args.extras:  # GPT-2 (furthest from 1.5x) first
+        for model in args.models:
+            jobs.append(Job(model, "ours", args.batch, "body", section="extra", cd_tuning=True))
+            if ours_best[model] != args.batch:
+                jobs.append(Job(model, "ours", ours_best[model], "blocks", section="extra"))
+    return jobs
+
+
+def die_with_parent() -> None:
+    """In a measurement's process, before it starts: SIGKILL when the comparing process dies (its own
+    session keeps it out of the signals sent to the comparing process's group)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+class Scheduler:
+    """Runs the jobs, up to --concurrency processes at once, so that compiles overlap, while exactly one
+    process at a time does its timed steps: a process that has compiled (its first --compile-steps
+    steps) says READY and waits; the GPU goes to the first READY job in order of importance, after the
+    jobs still compiling are paused (SIGSTOP to their process group, resumed once it is done) and their
+    queued GPU work has drained. Each process has its own inductor and triton caches (no file lock held
+    by a paused process). --budget bounds the whole: no compile starts or continues past it."""
+
+    def __init__(self, args, jobs: list[Job]) -> None:
+        self.args, self.jobs = args, jobs
+        self.events: queue.Queue = queue.Queue()
+        self.t0 = time.monotonic()
+        self.deadline = self.t0 + args.budget
+        total = gpu_memory_gib()
+        self.memory = None if total is None else args.memory_share * total
+        self.workdir = Path(tempfile.mkdtemp(prefix="ivr_bench_"))
+        self.measuring: Job | None = None
+        self.count = 0
+
+    def say(self, text: str) -> None:
+        print(f"[{time.monotonic() - self.t0:4.0f}s] {text}", flush=True)
+
+    def alive(self) -> list[Job]:
+        return [j for j in self.jobs if j.state in ("compiling", "ready", "measuring")]
+
+    def start(self, job: Job) -> None:
+        self.count += 1
+        cache = self.workdir / f"{self.count:02d}"
+        cache.mkdir()
+        env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "TORCHINDUCTOR_CACHE_DIR": str(cache / "inductor"),
+               "TRITON_CACHE_DIR": str(cache / "triton")}
+        env.setdefault("TORCHINDUCTOR_COMPILE_THREADS", str(max(2, (os.cpu_count() or 8) // self.args.concurrency)))
+        argv = own(self.args, job.side, job.model, job.batch, job.scope, job.profile_steps, handshake=True,
+                   cd_tuning=job.cd_tuning)
+        job.stderr = cache / "stderr.txt"
+        with open(job.stderr, "w") as err:
+            job.proc = subprocess.Popen([sys.executable, *argv], cwd=ROOT, env=env, stdin=subprocess.PIPE,
+                                        stdout=subprocess.PIPE, stderr=err, text=True, bufsize=1,
+                                        start_new_session=True, preexec_fn=die_with_parent)
+        job.state, job.started, job.result, job.error, job.killed = "compiling", time.monotonic(), None, None, False
+        threading.Thread(target=self.read, args=(job, job.proc), daemon=True).start()
+
+    def read(self, job: Job, proc: subprocess.Popen) -> None:
+        for line in proc.stdout:
+            self.events.put((job, proc, line.rstrip("\n")))
+        self.events.put((job, proc, None))
+
+    def signal(self, job: Job, sig: int) -> None:
+        try:
+            os.killpg(job.proc.pid, sig)  # the job's own session: it and its compile workers
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    def kill(self, job: Job, why: str) -> None:
+        job.killed, job.error = True, why
+        self.signal(job, signal.SIGKILL)
+
+    def admit(self) -> None:
+        if self.measuring or time.monotonic() > self.deadline - self.args.min_compile_s:
+            return
+        alive = self.alive()
+        for job in self.jobs:
+            if job.state != "pending":
+                continue
+            if len(alive) >= self.args.concurrency or (alive and (job.alone or any(j.alone for j in alive))):
+                return
+            if alive and self.memory is not None and sum(j.gib for j in alive) + job.gib > self.memory:
+                return  # in order: nothing after it starts before it
+            self.start(job)
+            alive.append(job)
+
+    def give_gpu(self) -> None:
+        ready = [j for j in self.jobs if j.state == "ready"]
+        if self.measuring or not ready:
+            return
+        job = ready[0]
+        paused = [j for j in self.alive() if j.state == "compiling" and not j.paused]
+        for other in paused:
+            self.signal(other, signal.SIGSTOP)
+            other.paused = True
+        if paused:
+            time.sleep(self.args.settle)  # their kernels already queued on the GPU finish meanwhile
+        job.state, job.go_at, self.measuring = "measuring", time.monotonic(), job
+        try:
+            job.proc.stdin.write("go\n")
+            job.proc.stdin.flush()
+        except OSError:
+            pass  # it died: its end of output follows
+
+    def resume(self) -> None:
+        for job in self.alive():
+            if job.paused:
+                self.signal(job, signal.SIGCONT)
+                job.paused = False
+
+    def handle(self, job: Job, proc: subprocess.Popen, line: str | None) -> None:
+        if proc is not job.proc:
+            return  # from a run of this job that was given up
+        if line is None:
+            self.finish(job)
+        elif line == "READY":
+            job.state, job.ready_at = "ready", time.monotonic()
+        elif line.startswith("RESULT "):
+            job.result = json.loads(line[len("RESULT "):])
+        else:
+            job.stdout.append(line)
+
+    def finish(self, job: Job) -> None:
+        code = job.proc.wait()
+        if job is self.measuring:
+            self.measuring = None
+            self.resume()
+        if job.result is None:
+            lines = [l for l in job.stderr.read_text(errors="replace").splitlines() if l.strip()]
+            text = "\n".join([*job.stdout, *lines[-60:]])
+            if not job.killed and not job.alone and ("OutOfMemoryError" in text or "out of memory" in text):
+                self.say(f"{job.label}: out of GPU memory next to other runs; again, alone")
+                job.state, job.alone, job.proc = "pending", True, None
+                return
+            if not job.killed:
+                job.error = f"exit {code}: " + (lines[-1][:120] if lines else "no output")
+                print(f"---- {job.label} failed; the end of its output:\n" + "\n".join(lines[-12:]), flush=True)
+        job.state = "done"
+        if job.result:
+            r = job.result
+            self.say(f"{job.label}: {r['tokens_per_s'] / 1e3:.1f}k tokens/s (ready after "
+                     f"{job.ready_at - job.started:.0f} s, measured in {time.monotonic() - job.go_at:.0f} s)")
+        else:
+            self.say(f"{job.label}: {job.error}")
+
+    def enforce_budget(self) -> None:
+        now = time.monotonic()
+        if now > self.deadline:
+            for job in self.jobs:
+                if job.state == "pending":
+                    job.state, job.error = "done", "not run: --budget spent"
+                elif job.state == "compiling" and not job.killed:
+                    self.kill(job, "given up: still compiling when --budget was spent")
+        late = now > self.deadline + self.args.grace_s
+        for job in self.alive():
+            if job.killed:
+                continue
+            if job is self.measuring and now - job.go_at > self.args.measure_timeout_s:
+                self.kill(job, f"given up: timed steps took over {self.args.measure_timeout_s} s")
+            elif late:
+                self.kill(job, "given up: --budget spent")
+
+    def run(self) -> None:
+        try:
+            while any(j.state != "done" for j in self.jobs):
+                self.enforce_budget()
+                self.admit()
+                self.give_gpu()
+                try:
+                    self.handle(*self.events.get(timeout=0.5))
+                except queue.Empty:
+                    pass
+        finally:
+            for job in self.jobs:
+                if job.proc is not None and job.proc.poll() is None:
+                    self.signal(job, signal.SIGKILL)
+            import shutil
+
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+def ratio(job: Job | None, anchor: Job | None) -> float | None:
+    if job is None or anchor is None or not job.result or not anchor.result:
+        return None
+    return job.result["tokens_per_s"] / anchor.result["tokens_per_s"]
+
+
+def disturbed(r: dict) -> bool:
+    median = r.get("median_step_tokens_per_s")
+    return bool(median) and abs(median / r["tokens_per_s"] - 1) > 0.03
+
+
+def table_row(job: Job, anchor: Job | None) -> str:
+    r = job.result or {}
+    if job.side == "hf":
+        run = "HF Trainer (bf16+compile)" if r.get("compile", True) else "HF Trainer (eager)"
+    else:
+        run = SCOPE_NAMES.get(r.get("scope", job.scope), f"ours ({job.scope})")
+        if r.get("scope") == "eager":
+            run = f"ours ({job.scope}, eager)"
+        run = run[:-1] + ", cd-tuned)" if job.cd_tuning else run
+    head = f"  {NAMES[job.model]:<13} {run:<25} {job.batch:>5}"
+    if not job.result:
+        return f"{head}  {job.error or 'not run'}"
+    x = ratio(job, anchor)
+    return (f"{head} {r['tokens_per_s'] / 1e3:8.1f}k {100 * r['mfu']:5.1f} % {r['peak_memory_gib']:6.1f} GiB"
+            f"{'' if x is None else f'  {x:.2f}x'}{' ~' if disturbed(r) else ''}")
+
+
+def print_profiles(jobs: list[Job]) -> None:
+    """Before/after: our step at the same batch compiled by blocks and as one body, kernel time by kind."""
+    for model in MODELS:
+        pair = {j.scope: j for j in jobs if j.model == model and j.section == "same" and j.side == "ours"
+                and j.result and j.result.get("profile")}
+        for scope, job in list(pair.items()):
+            if "error" in job.result["profile"]:
+                print(f"\nPROFILE {job.label} failed: {job.result['profile']['error']}")
+                del pair[scope]
+        if not pair:
+            continue
+        scopes = [s for s in ("blocks", "body") if s in pair]
+        profiles = {s: pair[s].result["profile"] for s in scopes}
+        kinds = sorted({k for p in profiles.values() for k in p["kinds"]},
+                       key=lambda k: -max(p["kinds"].get(k, 0) for p in profiles.values()))
+        batch = pair[scopes[0]].batch
+        print(f"\nPROFILE {NAMES[model]} b{batch}, our step: GPU kernel ms per step (share), "
+              f"{next(iter(profiles.values()))['steps']} steps under torch.profiler")
+        print(f"  {'kind':<20}" + "".join(f"{s:>17}" for s in scopes))
+        for kind in kinds:
+            cells = "".join(f"{p['kinds'].get(kind, 0):10.2f} "
+                            f"({100 * p['kinds'].get(kind, 0) / max(p['kernel_ms'], 1e-9):3.0f}%)"
+                            for p in profiles.values())
+            print(f"  {kind:<20}{cells}")
+        print(f"  {'all kernels':<20}" + "".join(f"{p['kernel_ms']:10.2f}{'':7}" for p in profiles.values()))
+        print(f"  {'wall, profiler on':<20}" + "".join(f"{p['wall_ms']:10.2f}{'':7}" for p in profiles.values()))
+        for scope, p in profiles.items():
+            print(f"  top kernels, {scope}: " + "; ".join(f"{name} {ms:.2f}" for name, ms in p["top"][:6]))
+
+
 def run_compare(args) -> None:
-    python = [sys.executable]
-    hf = spawn(python + own(args, "hf", "gpt2", 16))
-    ours16 = spawn(python + own(args, "ours", "gpt2", 16))
-    ours = spawn(python + own(args, "ours", "gpt2", args.batch)) if args.batch != 16 else ours16
-    smol = spawn(python + own(args, "ours", "smollm2", min(args.batch, 32)))  # 30 layers: more activations
-    smol_hf = spawn(python + own(args, "hf", "smollm2", 16)) if args.hf_smollm2 else None
-    print(f"\n{torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU'}, seq {SEQ}, "
-          f"{args.steps} timed steps after {args.warmup} warm-up steps, peak {PEAK_FLOPS / 1e12:.0f} TFLOP/s")
-    print(describe("GPT-2 124M, HF Trainer bf16+compile, b16", hf))
-    print(describe("GPT-2 124M, ours, b16", ours16, hf))
-    if ours is not ours16:
-        print(describe(f"GPT-2 124M, ours, b{args.batch}", ours, hf))
-    if smol_hf:
-        print(describe("SmolLM2-135M, HF Trainer bf16+compile, b16", smol_hf))
-    print(describe(f"SmolLM2-135M, ours, b{min(args.batch, 32)}", smol, smol_hf))
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # through Scheduler.run's cleanup
+    jobs = compare_jobs(args)
+    scheduler = Scheduler(args, jobs)
+    scheduler.say(f"{len(jobs)} measurements, up to {args.concurrency} at once, budget {args.budget:.0f} s"
+                  + (f", {scheduler.memory:.0f} GiB of GPU memory for them" if scheduler.memory else ""))
+    scheduler.run()
+    elapsed = time.monotonic() - scheduler.t0
+    print_profiles(jobs)
+    env = next((j.result for j in jobs if j.result), {})
+
+    def find(model, side, batch, scope=None, cd_tuning=False):
+        return next((j for j in jobs if (j.model, j.side, j.batch, j.cd_tuning) == (model, side, batch, cd_tuning)
+                     and (side == "hf" or j.scope == scope)), None)
+
+    hf_best, ours_best = dict(zip(MODELS, args.hf_best)), dict(zip(MODELS, args.ours_best))
+    b = args.batch
+    print(f"\n== IVR training step vs HF Trainer: {env.get('device', '?')}, torch {env.get('torch', '?')}, "
+          f"transformers {env.get('transformers', '?')}; seq {SEQ}; per run {args.warmup} warm-up steps "
+          f"({args.compile_steps} compiling) then {args.steps} timed; MFU of {PEAK_FLOPS / 1e12:.0f} TFLOP/s; "
+          f"{elapsed:.0f} s in all")
+    header = f"  {'model':<13} {'run':<25} {'batch':>5} {'tokens/s':>9} {'MFU':>7} {'memory':>10}  vs HF"
+    print(f"SAME BATCH ({b}): our step / the HF Trainer, both at batch {b}")
+    print(header)
+    for model in args.models:
+        hf = find(model, "hf", b)
+        for job in (hf, find(model, "ours", b, "body"), find(model, "ours", b, "blocks"),
+                    find(model, "ours", b, "body", cd_tuning=True)):
+            if job is not None:
+                print(table_row(job, None if job is hf else hf))
+    print("BEST BATCH OF EACH (labelled; not the same-batch figure): ours vs HF, each at its own batch")
+    print(header)
+    for model in args.models:
+        hf = find(model, "hf", hf_best[model])
+        for job in (hf, find(model, "ours", ours_best[model], "body"), find(model, "ours", ours_best[model], "blocks")):
+            if job is not None:
+                print(table_row(job, None if job is hf else hf))
+    print("SUMMARY")
+    for scope, cd in (("body", False), ("blocks", False), ("body", True)):
+        cells = []
+        for model in args.models:
+            x = ratio(find(model, "ours", b, scope, cd), find(model, "hf", b))
+            cells.append(f"{NAMES[model]} {'-' if x is None else f'{x:.2f}x'}" + ("" if x is None else
+                         (" (>= 1.5)" if x >= 1.5 else " (< 1.5)")))
+        if not cd or any(find(model, "ours", b, scope, cd) and find(model, "ours", b, scope, cd).result
+                         for model in args.models):
+            print(f"  same batch {b}, compile_scope={scope}{' + cd-tuning' if cd else ''}: " + ", ".join(cells))
+    cells = []
+    for model in args.models:
+        x = ratio(find(model, "ours", b, "body"), find(model, "ours", b, "blocks"))
+        cells.append(f"{NAMES[model]} {'-' if x is None else f'{x:.3f}x'}")
+    print(f"  body / blocks, our step at batch {b}: " + ", ".join(cells)
+          + "  (compile_scope: body is the better default where this is > 1 for both)")
+    if any(j.result and disturbed(j.result) for j in jobs):
+        print("  ~ : median step and mean differ by more than 3 %: a disturbed window, rerun that measurement")
 
 
 def run_scaling(args) -> None:
@@ -298,14 +811,44 @@ def run_scaling(args) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--mode", choices=["compare", "scaling", "ours", "hf", "frozen"], default="compare")
-    parser.add_argument("--model", choices=["gpt2", "smollm2"], default="gpt2")
-    parser.add_argument("--batch", type=int, default=64, help="blocks of 1024 tokens per GPU per step (ours)")
-    parser.add_argument("--steps", type=int, default=40, help="timed steps")
-    parser.add_argument("--warmup", type=int, default=15, help="steps before timing (compilation happens here)")
-    parser.add_argument("--chunk", type=int, default=8192, help="tokens per chunk of the loss")
+    parser.add_argument("--model", choices=MODELS, default="gpt2")
+    parser.add_argument("--batch", type=int, help="blocks of --seq tokens per GPU per step (compare: the same "
+                        "batch for both sides, 16; otherwise 64)")
+    parser.add_argument("--steps", type=int, help="timed steps (compare: 25, otherwise 40)")
+    parser.add_argument("--warmup", type=int, help="steps before timing, compilation included (compare: 10, "
+                        "otherwise 15)")
+    parser.add_argument("--compile-steps", type=int, help="of the warm-up steps, those that compile (compare: "
+                        "run while other measurements compile too); 2, or --warmup if fewer")
+    parser.add_argument("--chunk", type=int, default=8192, help="tokens per chunk of the loss (the training default)")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--compile-mode", help="torch.compile mode for ours, e.g. max-autotune-no-cudagraphs")
-    parser.add_argument("--hf-smollm2", action="store_true", help="also time the HF Trainer on SmolLM2-135M")
+    parser.add_argument("--scope", choices=["blocks", "body"], help="ours: training.compile_scope (compare: both)")
+    parser.add_argument("--profile", action="store_true", help="compare: profile our step at the same batch")
+    parser.add_argument("--profile-steps", type=int, default=0, help="steps profiled after the timed ones "
+                        "(compare with --profile: 3)")
+    parser.add_argument("--models", type=lambda text: text.split(","), default=list(MODELS),
+                        help="compare: gpt2,smollm2")
+    parser.add_argument("--hf-best", type=lambda text: [int(x) for x in text.split(",")], default=[64, 32],
+                        help="compare: the HF Trainer's best batch for gpt2,smollm2")
+    parser.add_argument("--ours-best", type=lambda text: [int(x) for x in text.split(",")], default=[64, 64],
+                        help="compare: our best batch for gpt2,smollm2")
+    parser.add_argument("--extras", action=argparse.BooleanOptionalAction, default=True,
+                        help="compare: also our step by blocks at the best batch, if the budget allows")
+    parser.add_argument("--budget", type=float, default=360, help="compare: seconds after which no compile "
+                        "starts or continues (timed steps of runs already compiled still finish)")
+    parser.add_argument("--concurrency", type=int, default=4, help="compare: processes at once")
+    parser.add_argument("--memory-share", type=float, default=0.7, help="compare: share of GPU memory the "
+                        "processes at once may need (by estimate)")
+    parser.add_argument("--settle", type=float, default=1.0, help="compare: seconds between pausing the "
+                        "compiling processes and the timed steps")
+    parser.add_argument("--min-compile-s", type=float, default=60, help="compare: no process starts with less "
+                        "budget left")
+    parser.add_argument("--measure-timeout-s", type=float, default=240)
+    parser.add_argument("--grace-s", type=float, default=90, help="compare: after the budget, at most this "
+                        "long for runs already compiled")
+    parser.add_argument("--cd-tuning", action="store_true", help="ours: inductor's coordinate-descent tuning "
+                        "(compare: an extra run at the same batch has it anyway)")
+    parser.add_argument("--handshake", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--config", default="deepspeed_zero2", help="accelerate config for --mode scaling")
     parser.add_argument("--gpus", type=int, default=2, help="GPUs for --mode scaling")
     parser.add_argument("--seq", type=int, default=SEQ, help="sequence length (1024 for the numbers that count)")
@@ -313,6 +856,18 @@ def main() -> None:
     parser.add_argument("--attention", choices=["default", "cudnn", "flash"], default="default",
                         help="ours: the SDPA backend tried first")
     args = parser.parse_args()
+    compare = args.mode == "compare"
+    args.batch = args.batch or (16 if compare else 64)
+    args.steps = args.steps or (25 if compare else 40)
+    args.warmup = args.warmup if args.warmup is not None else (10 if compare else 15)
+    if compare and args.profile and not args.profile_steps:
+        args.profile_steps = 3
+    if args.compile_steps is None:
+        args.compile_steps = min(2, args.warmup)
+    if not 1 <= args.compile_steps <= args.warmup:
+        parser.error("--compile-steps must be between 1 and --warmup")
+    if any(m not in MODELS for m in args.models):
+        parser.error(f"--models: choose from {','.join(MODELS)}")
     set_seq(args.seq)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     {"compare": run_compare, "scaling": run_scaling, "ours": run_ours, "hf": run_hf, "frozen": run_frozen}[args.mode](args)

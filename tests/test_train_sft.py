@@ -159,6 +159,22 @@ def reference(tmp_path_factory, tiny_gpt2_dir, packed, rules_file) -> Path:
     return tmp / "out"
 
 
+def test_training_compiled_as_one_body_holds_rows_and_starts_at_the_eager_loss(tmp_path, tiny_gpt2_dir, packed,
+                                                                                  rules_file, reference):
+    """training.compile_scope=body through train_sft.py: both stages, held rows bit-identical, and the
+    first loss that of the eager run up to dropout's other random stream."""
+    out = tmp_path / "out"
+    log = run(train_command(tiny_gpt2_dir, packed, out, tmp_path / "ck", rules_file, "compile=true",
+                            "compile_scope=body"))
+    assert "compiling by blocks" not in log
+    before, after = weights(tiny_gpt2_dir), weights(out)
+    emb = "transformer.wte.weight"
+    assert torch.equal(after[emb][FROZEN], before[emb][FROZEN])
+    assert stats(out)["held_rows_vs_input"]["max_abs_change_before_restore"] == 0.0
+    assert all(c["max_abs_change"] == 0.0 for c in stats(out)["held_row_checks"])
+    assert abs(stats(out)["first_loss"] - stats(reference)["first_loss"]) < 0.1
+
+
 def start_and_kill(command: list[str], checkpoints: Path, after_step: int) -> None:
     """Start a training run and SIGKILL it as soon as a checkpoint past `after_step` exists."""
     process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -284,6 +300,114 @@ def test_compiled_blocks_leave_attention_causal_without_a_dense_mask(monkeypatch
         torch._dynamo.reset()
     assert calls and all(no_mask and causal for no_mask, causal in calls)
     assert torch.allclose(compiled_loss, eager_loss, atol=1e-4)
+
+
+def tiny_lm(family: str):
+    from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
+
+    config = (GPT2Config(n_layer=2, n_embd=32, n_head=2, n_positions=32, vocab_size=100) if family == "gpt2" else
+              LlamaConfig(num_hidden_layers=2, hidden_size=48, intermediate_size=64, num_attention_heads=3,
+                          num_key_value_heads=1, vocab_size=100))
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").eval()
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_compiled_body_runs_attention_causal_without_a_mask_and_leaves_evaluation_alone(monkeypatch, family):
+    """training.compile_scope=body: embedding, every block and the final norm in one graph; traced whole,
+    transformers would build a dense causal mask, CAUSAL_SDPA keeps SDPA causal without one. Same loss and
+    gradients as eager (GQA included: 3 query heads on 1 key/value head)."""
+    model = tiny_lm(family)
+    loss_model = ivr_loss.CausalLMLoss(model, chunk_tokens=12)
+    ids = torch.randint(0, 100, (2, 16), generator=torch.Generator().manual_seed(1))
+    targets = ids.roll(-1, 1)
+    targets[:, -1] = -100
+    eager_loss = loss_model(ids, targets)
+    eager_grads = torch.autograd.grad(eager_loss, list(model.parameters()))
+    calls = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(*args, attn_mask=None, is_causal=False, **kwargs):
+        calls.append((attn_mask is None, is_causal))
+        return sdpa(*args, attn_mask=attn_mask, is_causal=is_causal, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    monkeypatch.setattr(ivr_loss, "_chunk_fn", ivr_loss._chunk_fn)  # enable_compile replaces it
+    torch._dynamo.reset()
+    try:
+        assert ivr_loss.body_without_mask(model) is None
+        assert ivr_loss.compiled_regions(model, "body") == [model.base_model]
+        assert ivr_loss.enable_compile(loss_model, scope="body") == "body"
+        compiled_loss = loss_model(ids, targets)
+        compiled_grads = torch.autograd.grad(compiled_loss, list(model.parameters()))
+        traced = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    finally:
+        torch._dynamo.reset()
+    assert model.base_model._compiled_call_impl is not None  # the body itself is compiled, in place
+    assert traced >= 1
+    assert len(calls) >= 2 and all(no_mask and causal for no_mask, causal in calls)
+    assert torch.allclose(compiled_loss, eager_loss, atol=1e-5)
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(compiled_grads, eager_grads))
+    # only our training forward used CAUSAL_SDPA: the model's own forward (evaluation, generation) is
+    # back on sdpa and gets its padding mask
+    assert model.config._attn_implementation == "sdpa"
+    calls.clear()
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    padding = torch.ones_like(ids)
+    padding[0, :3] = 0
+    with torch.no_grad(), torch.compiler.set_stance("force_eager"):
+        model(ids, attention_mask=padding)
+    assert calls and not any(no_mask for no_mask, _ in calls)
+
+
+def test_held_rows_get_no_gradient_from_a_body_compiled_whole(monkeypatch):
+    """The row guard's gradient hook (registered before compiling, as prepare_stage does) still zeroes the
+    held rows when the embedding's gradient comes out of the compiled body (tied head: two uses)."""
+    from ivr.held_rows import RowGuard
+
+    model = tiny_lm("gpt2")
+    weight = model.get_input_embeddings().weight
+    held = np.arange(0, 100, 2)
+    RowGuard([weight], held, 100)
+    loss_model = ivr_loss.CausalLMLoss(model, chunk_tokens=12)
+    monkeypatch.setattr(ivr_loss, "_chunk_fn", ivr_loss._chunk_fn)
+    torch._dynamo.reset()
+    try:
+        assert ivr_loss.enable_compile(loss_model, scope="body") == "body"
+        ids = torch.arange(32).reshape(2, 16) * 3 % 100
+        loss_model(ids, ids.roll(-1, 1)).backward()
+    finally:
+        torch._dynamo.reset()
+    assert not weight.grad[held].any()
+    assert weight.grad[np.setdiff1d(np.arange(100), held)].abs().sum(dim=1).gt(0).sum() > 40
+
+
+def test_a_model_without_plain_causal_attention_is_compiled_by_blocks(monkeypatch):
+    from transformers import AutoModelForCausalLM, MistralConfig
+
+    config = MistralConfig(num_hidden_layers=2, hidden_size=32, intermediate_size=64, num_attention_heads=2,
+                           num_key_value_heads=1, vocab_size=100, sliding_window=8)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+    assert "sliding" in ivr_loss.body_without_mask(model)
+    monkeypatch.setattr(ivr_loss, "_chunk_fn", ivr_loss._chunk_fn)
+    loss_model = ivr_loss.CausalLMLoss(model, chunk_tokens=12)
+    assert ivr_loss.enable_compile(loss_model, scope="body") == "blocks" and not loss_model.causal_attention
+    assert model.base_model._compiled_call_impl is None
+    assert all(block._compiled_call_impl is not None for block in model.base_model.layers)
+    eager = AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+    assert "eager" in ivr_loss.body_without_mask(eager)
+    assert ivr_loss.body_without_mask(tiny_lm("gpt2")) is None
+
+
+def test_compile_scope_body_only_where_one_graph_may_span_the_blocks():
+    from types import SimpleNamespace
+
+    def scope(kind, settings):
+        return trainer.compile_scope(SimpleNamespace(distributed_type=SimpleNamespace(name=kind)), settings)
+
+    assert scope("NO", {"compile_scope": "body"}) == "body" and scope("MULTI_GPU", {"compile_scope": "body"}) == "body"
+    assert scope("DEEPSPEED", {"compile_scope": "body"}) == "blocks" and scope("FSDP", {"compile_scope": "body"}) == "blocks"
+    assert scope("NO", {"compile_scope": "blocks"}) == "blocks" and scope("NO", {}) == "blocks"
 
 
 def test_deepspeed_config_drops_the_bf16_overflow_scan_unless_the_user_set_it():

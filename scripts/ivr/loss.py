@@ -3,8 +3,12 @@ regions of the model that are compiled."""
 
 from __future__ import annotations
 
+import contextlib
+import sys
+
 import torch
 
+from ivr.cli import log
 from ivr.packed_data import IGNORE
 
 
@@ -85,6 +89,7 @@ class CausalLMLoss(torch.nn.Module):
         super().__init__()
         self.model = model
         self.chunk_tokens = chunk_tokens
+        self.causal_attention = False  # enable_compile(scope="body") sets it: attention through CAUSAL_SDPA
         # FSDP's auto-wrap and DeepSpeed look these up on the module they are given
         self._no_split_modules = getattr(self.lm, "_no_split_modules", None)
         self.config = self.lm.config
@@ -101,26 +106,119 @@ class CausalLMLoss(torch.nn.Module):
 
     def forward(self, input_ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         lm = self.lm
-        hidden = lm.base_model(input_ids=input_ids, use_cache=False).last_hidden_state
+        with attention_implementation(lm.config, CAUSAL_SDPA if self.causal_attention else None):
+            hidden = lm.base_model(input_ids=input_ids, use_cache=False).last_hidden_state
         weight = lm.get_output_embeddings().weight
         return linear_cross_entropy(hidden.flatten(0, 1), weight, targets.flatten(), self.chunk_tokens)
 
 
-def compiled_regions(lm) -> list[torch.nn.Module]:
-    """The model's repeated blocks (the classes it names as never to be split), else its whole body.
+# ---- attention without a mask ----------------------------------------------------------------------
+# Packed training blocks never have padding inside attention (padding is only left out of the loss) and
+# positions always run 0..T-1, so the attention of our training forward is plain causal attention. Eager,
+# transformers sees that and hands SDPA no mask (is_causal=True); while tracing for torch.compile it cannot
+# (before torch 2.14) and builds a dense (B, 1, T, T) mask, which keeps SDPA off its flash/cuDNN kernels and
+# doubles attention's work. CAUSAL_SDPA is transformers' own SDPA attention registered under a name that
+# has no mask function, so create_causal_mask returns None for it (the path transformers keeps for
+# attention implementations that build no mask), traced or not. The name is set on the model's config only
+# for the duration of our training forward: evaluation and generation, which pass masks, never see it.
+CAUSAL_SDPA = "ivr_causal_sdpa"
 
-    Blocks, not the body: compiled whole, transformers (before torch 2.14) cannot tell that a block
-    without padding needs no mask, and hands SDPA a dense causal mask, which doubles attention's work
-    (GPT-2 124M on an H100: 383k -> 445k tokens/s compiled by blocks)."""
+
+_sdpa_forward = None  # transformers' sdpa_attention_forward, once registered
+
+
+def _causal_sdpa(module, query, key, value, attention_mask, **kwargs):
+    if attention_mask is not None:
+        raise RuntimeError(f"{CAUSAL_SDPA} got an attention mask: this model builds its masks outside "
+                           "transformers.masking_utils; compile it by blocks (training.compile_scope: blocks)")
+    return _sdpa_forward(module, query, key, value, None, **kwargs)  # no mask: is_causal=True
+
+
+def register_causal_sdpa() -> None:
+    global _sdpa_forward
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    _sdpa_forward = sdpa_attention_forward
+    AttentionInterface.register(CAUSAL_SDPA, _causal_sdpa)
+
+
+@contextlib.contextmanager
+def attention_implementation(config, name: str | None):
+    """config._attn_implementation set to `name` inside the block (nothing changes for None)."""
+    if name is None:
+        yield
+        return
+    before = config._attn_implementation
+    config._attn_implementation = name
+    try:
+        yield
+    finally:
+        config._attn_implementation = before
+
+
+def body_without_mask(lm) -> str | None:
+    """Why the model's body cannot run its attention through CAUSAL_SDPA, or None when it can: SDPA
+    attention, causal, every layer full attention (no sliding window or chunks, whose masks are not plain
+    causal), no sub-configs, and masks built by transformers.masking_utils (create_causal_mask)."""
+    config = lm.config
+    if config._attn_implementation != "sdpa":
+        return f"attention implementation {config._attn_implementation!r}, not sdpa"
+    if not getattr(config, "is_causal", True):
+        return "bidirectional attention"
+    if getattr(config, "sub_configs", None):
+        return "a composite config"
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is not None:
+        if any(kind != "full_attention" for kind in layer_types):
+            return f"layers of type {sorted(set(layer_types) - {'full_attention'})}"
+    elif getattr(config, "sliding_window", None) is not None and getattr(config, "use_sliding_window", True):
+        return "a sliding window"
+    if getattr(config, "attention_chunk_size", None) is not None:
+        return "chunked attention"
+    module = sys.modules.get(type(lm.base_model).__module__)
+    if module is None or getattr(module, "create_causal_mask", None) is None:
+        return "masks built outside transformers.masking_utils"
+    return None
+
+
+# ---- compilation -----------------------------------------------------------------------------------
+SCOPES = ("blocks", "body")
+
+
+def compiled_regions(lm, scope: str = "blocks") -> list[torch.nn.Module]:
+    """What is compiled. blocks: the model's repeated blocks (the classes it names as never to be split),
+    else its whole body. body: the whole body (embedding, blocks, final norm) as one graph, so that
+    inductor also fuses across block boundaries (residual add with the next norm, the embedding's sum
+    and dropout, the final norm); its attention then runs through CAUSAL_SDPA.
+
+    Compiled whole with transformers' own SDPA attention, the body gets a dense causal mask under
+    tracing (see CAUSAL_SDPA), which doubles attention's work (GPT-2 124M on an H100: 383k -> 445k
+    tokens/s compiled by blocks instead)."""
+    if scope == "body":
+        return [lm.base_model]
     names = set(getattr(lm, "_no_split_modules", None) or ())
     blocks = [m for m in lm.base_model.modules() if type(m).__name__ in names]
     return blocks or [lm.base_model]
 
 
-def enable_compile(loss_model: CausalLMLoss, mode: str | None = None) -> None:
-    """Compile the transformer's blocks in place (parameter identity, hooks and state-dict names stay)
-    and the per-chunk loss kernel, where inductor fuses the upcast, softmax and gradient into few passes."""
+def enable_compile(loss_model: CausalLMLoss, mode: str | None = None, scope: str = "blocks") -> str:
+    """Compile the transformer in place (parameter identity, hooks and state-dict names stay), by blocks
+    or as one body (`scope`; a model whose attention is not plain causal, see body_without_mask, is
+    compiled by blocks), and the per-chunk loss kernel, where inductor fuses the upcast, softmax and
+    gradient into few passes. Returns the scope used."""
     global _chunk_fn
-    for region in compiled_regions(loss_model.lm):
+    if scope not in SCOPES:
+        raise ValueError(f"compile scope {scope!r}: expected one of {SCOPES}")
+    lm = loss_model.lm
+    why_not = body_without_mask(lm) if scope == "body" else None
+    if why_not:
+        log.warning("compiling by blocks, not as one body: the model has %s", why_not)
+        scope = "blocks"
+    if scope == "body":
+        register_causal_sdpa()
+        loss_model.causal_attention = True
+    for region in compiled_regions(lm, scope):
         region.compile(mode=mode)
     _chunk_fn = torch.compile(_chunk_loss_and_grads, dynamic=False, mode=mode)
+    return scope

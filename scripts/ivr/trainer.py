@@ -139,6 +139,14 @@ def make_accelerator(settings: dict):
     )
 
 
+def compile_scope(accelerator, settings: dict) -> str:
+    """training.compile_scope where the body may be compiled whole: one process or DDP (whose compiled
+    graphs dynamo splits at the gradient buckets); DeepSpeed and FSDP compile the blocks (their hooks
+    gather, shard or reduce per module)."""
+    scope = settings.get("compile_scope", "blocks")
+    return scope if accelerator.distributed_type.name in ("NO", "MULTI_GPU") else "blocks"
+
+
 @dataclass
 class Prepared:
     """A stage's objects after accelerator.prepare."""
@@ -160,7 +168,7 @@ def prepare_stage(accelerator, stage: Stage, model, loader, settings: dict, num_
     guard = RowGuard(weights, stage.held_rows, num_rows) if trains_rows and len(stage.held_rows) else None
     originals = {n: p.detach().cpu().clone() for n, p in model.named_parameters() if not p.requires_grad}
     if settings["compile"]:
-        enable_compile(loss_model, compile_mode)
+        enable_compile(loss_model, compile_mode, compile_scope(accelerator, settings))
     optimizer = torch.optim.AdamW(param_groups(loss_model, settings["weight_decay"]), lr=stage.lr, betas=BETAS,
                                   fused=accelerator.device.type == "cuda")
     warmup = math.ceil(settings["warmup_share"] * stage.steps)
