@@ -19,8 +19,10 @@ never get weight decay, which would move held rows although their gradient is ze
 Checkpoints (model, optimizer, scheduler, RNG, step, data position, resolved settings) go to
 --checkpoint-dir every training.checkpoint_every steps, under a key hashed from the inputs and settings: a
 rerun resumes from the newest one only when the key matches, otherwise it starts fresh. --out gets a
-Hugging Face folder with the tokenizer of --model, train_log.jsonl (step, loss, grad norm, lr, tokens/s)
-and training_stats.json (tokens seen, wall-clock, first loss, held-row checks).
+Hugging Face folder with the tokenizer of --model, train_log.jsonl (step, loss, grad norm, lr, tokens/s),
+training_stats.json (tokens seen, wall-clock, first loss, held-row checks) and, unless
+training.tensorboard is off, tensorboard/ (the same records and checks as TensorBoard scalars, written in
+--checkpoint-dir's tensorboard/ while training).
 
 SIGTERM (what Slurm sends at a job's time limit, KillWait seconds before SIGKILL) stops training after the
 current optimizer step with a checkpoint of that step, and the script exits with status 143; the retry
@@ -42,6 +44,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from ivr import tracking  # noqa: E402
 from ivr.checkpoints import Checkpoints, TrainingStopped, StopRequest, run_key  # noqa: E402
 from ivr.cli import UserError, atomic_path, log, run_main  # noqa: E402
 from ivr.held_rows import full_state  # noqa: E402
@@ -84,6 +87,7 @@ def save_output(out: str, model_dir: str, stage: Stage, settings: dict, state: d
         model.save_pretrained(tmp, safe_serialization=True)
         load_tokenizer(model_dir, trust_remote_code=trust_remote_code).save_pretrained(tmp)
         shutil.copyfile(log_path, tmp / "train_log.jsonl")
+        tracking.copy_events(log_path.parent, tmp)
         (tmp / "training_stats.json").write_text(json.dumps(stats, indent=2, default=str) + "\n")
 
 
@@ -105,7 +109,7 @@ def train(args: argparse.Namespace) -> None:
                         f"the {num_rows} rows of {args.model}'s embedding")
     rules = read_rules(args.rules, num_rows) if args.rules else None
 
-    accelerator = make_accelerator(settings)
+    accelerator = make_accelerator(settings, args.checkpoint_dir)
     logger = get_logger("ivr.train")
     set_seed(settings["seed"])
     global_batch = settings["micro_batch_size"] * settings["gradient_accumulation"] * accelerator.num_processes
@@ -127,12 +131,14 @@ def train(args: argparse.Namespace) -> None:
         state = resume[1]
         progress = Progress(step=state["step"], tokens=state["tokens"], elapsed=state["elapsed"],
                             first_loss=state["first_loss"], checks=state["checks"])
-        checkpoints.truncate_log(progress.step)
         logger.info(f"resuming from {resume[0]}: step {progress.step} of {total_steps}")
     else:
         logger.info(f"starting fresh: {total_steps} steps, {epochs:.4g} epochs of {dataset.meta['blocks']} blocks, "
                     f"{global_batch} blocks of {dataset.meta['block_size']} tokens per step, "
                     f"{accelerator.num_processes} process(es), {world['distributed']}, {world['mixed_precision']}")
+
+    checkpoints.truncate_log(progress.step)  # what a killed run logged after its checkpoint (all, if none)
+    tracking.start(accelerator, args.checkpoint_dir, checkpoints.log_path, progress.checks)
 
     prepared = None
     with StopRequest() as stop:
@@ -173,6 +179,7 @@ def train(args: argparse.Namespace) -> None:
             "world": world,
             "settings": settings,
         }
+        tracking.flush(accelerator)
         with whole_models(accelerator):
             save_output(args.out, args.model, stages[-1], settings, final, args.trust_remote_code,
                         checkpoints.log_path, stats)

@@ -74,6 +74,33 @@ def run(command: list[str]) -> str:
     return done.stderr
 
 
+def scalars(folder: Path) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar in the TensorBoard event files of folder/tensorboard, as written (tag -> (step, value))."""
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+
+    out: dict[str, list[tuple[int, float]]] = {}
+    for path in sorted((folder / "tensorboard").rglob("events.out.tfevents.*")):
+        for event in EventFileLoader(str(path)).Load():
+            for value in event.summary.value:
+                number = value.simple_value if value.HasField("simple_value") else None
+                if number is None and value.HasField("tensor"):  # newer writers put scalars in a tensor
+                    number = float(value.tensor.float_val[0])
+                out.setdefault(value.tag, []).append((event.step, number))
+    return out
+
+
+def assert_curve_matches_log(folder: Path) -> None:
+    """The TensorBoard loss, lr and tokens/s curves are train_log.jsonl's records, each step once, and the
+    held-row checks are there as scalars."""
+    records = [json.loads(line) for line in (folder / "train_log.jsonl").read_text().splitlines()]
+    curves = scalars(folder)
+    for field in ("loss", "lr", "tokens_per_s", "grad_norm"):
+        assert [step for step, _ in curves[field]] == [r["step"] for r in records], field
+        assert [value for _, value in curves[field]] == pytest.approx([r[field] for r in records], rel=1e-6), field
+    checks = stats(folder)["held_row_checks"]
+    assert curves["held_rows_max_abs_change"] == [(c["step"], c["max_abs_change"]) for c in checks]
+
+
 def weights(folder: Path) -> dict[str, torch.Tensor]:
     return load_file(folder / "model.safetensors")
 
@@ -120,7 +147,8 @@ def test_untied_head_rows_are_held_too(tmp_path, tiny_gpt2_dir, packed, rules_fi
     AutoTokenizer.from_pretrained(tiny_gpt2_dir).save_pretrained(tmp_path / "untied")
     out = tmp_path / "out"
     run(train_command(tmp_path / "untied", packed, out, tmp_path / "ck", rules_file, "stage2=none",
-                      "stage1_lr=1e-2"))
+                      "stage1_lr=1e-2", "tensorboard=false"))
+    assert not (out / "tensorboard").exists()
     before, after = weights(tmp_path / "untied"), weights(out)
     held = np.setdiff1d(np.arange(50257), REASSIGNED)
     for name in ("transformer.wte.weight", "lm_head.weight"):
@@ -159,6 +187,13 @@ def reference(tmp_path_factory, tiny_gpt2_dir, packed, rules_file) -> Path:
     return tmp / "out"
 
 
+def test_tensorboard_event_files_hold_the_loss_curve(reference):
+    """What `tensorboard --logdir results/model/sft` plots: the run's loss curve from train_log.jsonl."""
+    assert_curve_matches_log(reference)
+    loss = [value for _, value in scalars(reference)["loss"]]
+    assert len(loss) > 3 and loss[-1] < loss[0]  # it learns
+
+
 def start_and_kill(command: list[str], checkpoints: Path, after_step: int) -> None:
     """Start a training run and SIGKILL it as soon as a checkpoint past `after_step` exists."""
     process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -189,6 +224,7 @@ def test_resume_after_sigkill_ends_at_the_same_step_with_the_same_weights(tmp_pa
     a, b = weights(reference), weights(tmp_path / "out")
     for name in a:
         assert torch.equal(a[name], b[name]), name
+    assert_curve_matches_log(tmp_path / "out")  # the resumed run's TensorBoard curve holds each step once
     # the loss log matches too, except the one window cut by the kill (it averages fewer steps)
     differ = [json.loads(a)["step"] for a, b in zip(ref_log, new_log) if json.loads(a)["loss"] != json.loads(b)["loss"]]
     assert len(differ) <= 1
