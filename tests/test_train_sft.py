@@ -53,10 +53,10 @@ def packed(tmp_path_factory, tiny_gpt2_dir, bills_sample) -> Path:
 
 
 def train_command(model: Path, data: Path, out: Path, checkpoints: Path, rules: Path | None, *settings: str,
-                  launch: bool = False) -> list[str]:
+                  launch: bool = False, config: str = "cpu") -> list[str]:
     command = [sys.executable]
     if launch:
-        command += ["-m", "accelerate.commands.launch", "--config_file", str(ROOT / "config/accelerate/cpu.yaml"),
+        command += ["-m", "accelerate.commands.launch", "--config_file", str(ROOT / f"config/accelerate/{config}.yaml"),
                     "--num_processes", "1", "--num_machines", "1", "--num_cpu_threads_per_process", "1"]
     command += [str(SCRIPT), "--model", str(model), "--data", str(data), "--out", str(out),
                 "--checkpoint-dir", str(checkpoints), "--threads", "1"]
@@ -134,6 +134,28 @@ def test_stage1_holds_every_other_row_bit_identical_with_weight_decay_on(tmp_pat
     records = [json.loads(l) for l in (out / "train_log.jsonl").read_text().splitlines()]
     assert set(records[0]) >= {"step", "loss", "grad_norm", "lr", "tokens_per_s"}
     assert not (tmp_path / "ck").exists()  # checkpoints are removed once the model is saved
+
+
+def test_deepspeed_as_installed_trains_under_zero2_on_cpu_and_holds_the_rows(tmp_path, tiny_gpt2_dir, packed,
+                                                                              rules_file):
+    """DeepSpeed at requirements.txt's pin, as setup.sh installs it, under `accelerate launch` with
+    config/accelerate/deepspeed_zero2.yaml: it runs on CPU too (gloo; the first time DeepSpeed builds its
+    shared-memory op with the machine's C++ compiler, a minute or more), and the held rows stay exact."""
+    import deepspeed
+
+    pinned = re.search(r"^deepspeed==(\S+)$", (ROOT / "requirements.txt").read_text(), re.MULTILINE).group(1)
+    assert deepspeed.__version__ == pinned
+    out = tmp_path / "out"
+    log = run(train_command(tiny_gpt2_dir, packed, out, tmp_path / "ck", rules_file, "accelerate=deepspeed_zero2",
+                            launch=True, config="deepspeed_zero2"))
+    assert "1 process(es), DEEPSPEED" in log
+    result = stats(out)
+    assert result["world"]["distributed"] == "DEEPSPEED"
+    assert len(result["held_row_checks"]) >= 2 and all(c["max_abs_change"] == 0.0 for c in result["held_row_checks"])
+    emb = weights(tiny_gpt2_dir)["transformer.wte.weight"], weights(out)["transformer.wte.weight"]
+    assert torch.equal(emb[1][FROZEN], emb[0][FROZEN])  # the frozen special token, through stage 2 (full)
+    assert not torch.equal(emb[1][REASSIGNED], emb[0][REASSIGNED])
+    assert_curve_matches_log(out)
 
 
 def test_untied_head_rows_are_held_too(tmp_path, tiny_gpt2_dir, packed, rules_file):
