@@ -3,7 +3,7 @@
 # system tools (graphviz for the DAG picture, chromium for the report test, Slurm for the cluster
 # test, when run as root), then a virtual environment .venv with the pinned requirements.
 # Usage: bash setup.sh            (then: .venv/bin/snakemake --cores all)
-# On a GPU machine, first install the CUDA build of requirements.txt's torch into .venv
+# On a GPU machine, first install a CUDA build of requirements.txt's torch into .venv
 # (python3 -m venv .venv && .venv/bin/pip install torch==<that version>): DeepSpeed is built against it.
 set -euo pipefail
 cd "$(dirname "$0")"
