@@ -5,10 +5,10 @@
 # stage 1 (only the reassigned rows learn) then full fine-tuning, held rows checked every 2 steps and at
 # each stage's end: their fp32 weights (DeepSpeed's master copy) must not move at all.
 #   bash bench/deepspeed_check.sh [WHEELS]      (NPROC=2 for two GPUs; OUT=folder for the outputs)
-# WHEELS: a folder of wheels to install DeepSpeed (and TensorBoard) from, with no network, when the
-# Python on PATH lacks them: the deepspeed wheel built as setup.sh builds it
+# WHEELS: a folder of wheels to install DeepSpeed, TensorBoard and jsonschema (the settings' check) from,
+# with no network, when the Python on PATH lacks them: the deepspeed wheel built as setup.sh builds it
 # (DS_BUILD_OPS=0 pip wheel --no-deps --no-build-isolation deepspeed==<requirements.txt's>) and the wheels
-# it and tensorboard need.
+# they need (docs/DEVELOPING.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 wheels=${1:-}
@@ -16,9 +16,8 @@ nproc=${NPROC:-1}
 out=${OUT:-/tmp/ivr-deepspeed-check}
 python=${PYTHON:-python}
 
-if [[ -n $wheels ]] && ! "$python" -c "import deepspeed, tensorboard" 2>/dev/null; then
-  "$python" -m pip install -q --no-index --find-links "$wheels" \
-    "$(grep '^deepspeed==' requirements.txt)" "$(grep '^tensorboard==' requirements.txt)"
+if [[ -n $wheels ]] && ! "$python" -c "import deepspeed, tensorboard, jsonschema" 2>/dev/null; then
+  "$python" -m pip install -q --no-index --find-links "$wheels" $(grep -E '^(deepspeed|tensorboard|jsonschema)==' requirements.txt)
 fi
 "$python" -c "import deepspeed, accelerate, torch; print('deepspeed', deepspeed.__version__, 'accelerate',
 accelerate.__version__, 'torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.device_count(), 'GPU(s)')"
