@@ -21,6 +21,7 @@ from safetensors.torch import load_file
 from conftest import ROOT, pack
 
 from ivr import loss as ivr_loss, trainer
+from ivr.checkpoints import CHECKPOINT_GLOB
 
 SCRIPT = ROOT / "scripts" / "train_sft.py"
 REASSIGNED = list(range(40000, 40300))  # ids of unused GPT-2 tokens the tiny rules give new "tokens"
@@ -221,7 +222,8 @@ def start_and_kill(command: list[str], checkpoints: Path, after_step: int) -> No
     process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and process.poll() is None:
-        done = [json.loads(p.read_text())["step"] for p in checkpoints.glob("step-*/trainer_state.json")]
+        # complete checkpoints only: a step-N.partial/ may hold a trainer_state.json being written
+        done = [json.loads(p.read_text())["step"] for p in checkpoints.glob(f"{CHECKPOINT_GLOB}/trainer_state.json")]
         if done and max(done) > after_step:
             process.send_signal(signal.SIGKILL)
             process.wait()
