@@ -3,6 +3,8 @@
 # system tools (graphviz for the DAG picture, chromium for the report test, Slurm for the cluster
 # test, when run as root), then a virtual environment .venv with the pinned requirements.
 # Usage: bash setup.sh            (then: .venv/bin/snakemake --cores all)
+# On a GPU machine, first install a CUDA build of requirements.txt's torch into .venv
+# (python3 -m venv .venv && .venv/bin/pip install torch==<that version>): DeepSpeed is built against it.
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -24,5 +26,9 @@ python=${PYTHON:-python3}
 if [[ ! -x .venv/bin/python ]]; then
   "$python" -m venv .venv
 fi
-.venv/bin/python -m pip install -q --disable-pip-version-check -r requirements.txt
+pip=(.venv/bin/python -m pip install -q --disable-pip-version-check)
+# Everything but DeepSpeed first; DeepSpeed (an sdist) is then built against the torch just installed,
+# with no ops compiled ahead (they are built when first needed), as requirements.txt says.
+"${pip[@]}" -r <(grep -v '^deepspeed==' requirements.txt)
+DS_BUILD_OPS=0 "${pip[@]}" --no-build-isolation "$(grep '^deepspeed==' requirements.txt)"
 echo "setup: ready (.venv/bin/snakemake, .venv/bin/python -m pytest)"

@@ -119,7 +119,7 @@ orchestrate() {
   choose_compile_scope
   CONFIGS+=(results/tuning/compile.yaml)
   SNAKE_OPTS+=(results/tuning/compile.yaml)
-  [[ $REHEARSAL == 1 ]] || stage deepspeed_check bash bench/deepspeed_check.sh &
+  [[ $REHEARSAL == 1 ]] || PYTHON="$PY" OUT="$STATE/deepspeed" stage deepspeed_check bash bench/deepspeed_check.sh &
   if ! tune; then
     grep -q body results/tuning/compile.yaml || return 1
     say "tuning failed with compile_scope body: once more by blocks"

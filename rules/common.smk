@@ -254,6 +254,32 @@ def branch_settings(wildcards):
     return json.dumps(settings, sort_keys=True)
 
 
+def train_nodes():
+    nodes = config["training"]["nodes"]
+    if nodes > 1 and config["training"]["accelerate"] in ("cpu", "single_gpu"):
+        sys.exit(
+            f"error: training.nodes = {nodes} needs a distributed accelerate config "
+            "(training.accelerate: multi_gpu, deepspeed_zero2, deepspeed_zero3 or fsdp)"
+        )
+    return nodes
+
+
+def train_resources():
+    """Slurm resources of the training job: `gpu` on one node; nodes, one task per node, GPUs per node."""
+    gpus, nodes = config["training"]["gpus"], train_nodes()
+    if nodes == 1:
+        return {"gpu": gpus}
+    per_node = {"gres": f"gpu:{gpus}", "tasks_per_gpu": 0} if gpus else {}
+    return {"nodes": nodes, "tasks": nodes, "mpi": "srun", **per_node}
+
+
+def train_processes(wildcards, resources):
+    """accelerate's --num_processes, over all nodes: one per GPU, or one per node on CPU."""
+    if train_nodes() == 1:
+        return max(1, int(resources.gpu))
+    return train_nodes() * max(1, config["training"]["gpus"])
+
+
 def accelerate_config():
     name = config["training"]["accelerate"]
     return str(Path(workflow.basedir) / "config" / "accelerate" / f"{name}.yaml")

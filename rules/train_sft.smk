@@ -6,6 +6,9 @@
 # retry resumes from it. The shell and the launcher ignore that SIGTERM (`trap '' TERM`, inherited by
 # accelerate's launcher): had they died at once, the job would end and Slurm would SIGKILL the training
 # before its checkpoint is written; this way it has KillWait (30 s by default) to write it.
+# With training.nodes > 1 the job gets that many nodes with training.gpus GPUs each (gres, per node) and
+# the SLURM plugin's `mpi` resource, so that the plugin runs the shell once in the job instead of under
+# `srun -n1`; scripts/accelerate_nodes.sh then starts one `accelerate launch` per node through srun.
 
 
 rule train_sft:
@@ -21,11 +24,17 @@ rule train_sft:
         ENV
     threads: config["training"]["threads"]
     resources:
-        gpu=config["training"]["gpus"],
+        **train_resources(),
     params:
         script=script("train_sft.py"),
         accelerate=accelerate_config(),
-        processes=lambda wildcards, resources: max(1, int(resources.gpu)),
+        launch=(
+            "accelerate launch"
+            if train_nodes() == 1
+            else f"bash {shlex.quote(script('accelerate_nodes.sh'))}"
+        ),
+        processes=train_processes,
+        nodes=train_nodes(),
         model=lambda wildcards: branch_model(trained_branch(wildcards)),
         data=lambda wildcards: f"results/data/{trained_branch(wildcards)}",
         extra=train_args,
@@ -33,8 +42,8 @@ rule train_sft:
         checkpoints="results/checkpoints/{trained}",
         trust="--trust-remote-code" if config["trust_remote_code"] else "",
     shell:
-        "trap '' TERM; accelerate launch --config_file {params.accelerate:q} --num_processes {params.processes}"
-        " --num_machines 1 --num_cpu_threads_per_process {threads}"
+        "trap '' TERM; {params.launch} --config_file {params.accelerate:q} --num_processes {params.processes}"
+        " --num_machines {params.nodes} --num_cpu_threads_per_process {threads}"
         " {params.script:q} --model {params.model:q} --data {params.data:q} {params.extra}"
         " --settings {params.settings:q} --threads {threads}"
         " {params.trust} --checkpoint-dir {params.checkpoints:q} --out {output:q} > {log:q} 2>&1"

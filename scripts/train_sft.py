@@ -25,8 +25,10 @@ Checkpoints (model, optimizer, scheduler, RNG, step, data position, resolved set
 rerun resumes from the newest one only when the key matches, otherwise it starts fresh. --out gets a
 Hugging Face folder with the tokenizer of --model, train_log.jsonl (step, loss, grad norm, lr, tokens/s,
 bytes and FLOPs so far, and bits per byte on --dev / --general-dev before the first step, every
-training.eval_every steps and after the last) and training_stats.json (steps, tokens, bytes, passes,
-FLOPs, GPU-seconds, first and final loss, final dev bits per byte, held-row checks).
+training.eval_every steps and after the last), training_stats.json (steps, tokens, bytes, passes, FLOPs,
+GPU-seconds, first and final loss, final dev bits per byte, held-row checks) and, unless
+training.tensorboard is off, tensorboard/ (the same records and checks as TensorBoard scalars, written in
+--checkpoint-dir's tensorboard/ while training).
 
 SIGTERM (what Slurm sends at a job's time limit, KillWait seconds before SIGKILL) stops training after the
 current optimizer step with a checkpoint of that step, and the script exits with status 143; the retry
@@ -48,6 +50,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from ivr import tracking  # noqa: E402
 from ivr.checkpoints import Checkpoints, TrainingStopped, StopRequest, run_key  # noqa: E402
 from ivr.cli import UserError, atomic_path, log, run_main  # noqa: E402
 from ivr.compute import flops_per_token, plan_steps, reference_steps  # noqa: E402
@@ -92,6 +95,7 @@ def save_output(out: str, model_dir: str, stage: Stage, settings: dict, state: d
         model.save_pretrained(tmp, safe_serialization=True)
         load_tokenizer(model_dir, trust_remote_code=trust_remote_code).save_pretrained(tmp)
         shutil.copyfile(log_path, tmp / "train_log.jsonl")
+        tracking.copy_events(log_path.parent, tmp)
         (tmp / "training_stats.json").write_text(json.dumps(stats, indent=2, default=str) + "\n")
 
 
@@ -142,7 +146,7 @@ def train(args: argparse.Namespace) -> None:
                         f"the {num_rows} rows of {args.model}'s embedding")
     rules = read_rules(args.rules, num_rows) if args.rules else None
 
-    accelerator = make_accelerator(settings)
+    accelerator = make_accelerator(settings, args.checkpoint_dir)
     logger = get_logger("ivr.train")
     set_seed(settings["seed"])
     global_batch = settings["micro_batch_size"] * settings["gradient_accumulation"] * accelerator.num_processes
@@ -166,13 +170,15 @@ def train(args: argparse.Namespace) -> None:
         state = resume[1]
         progress = Progress(step=state["step"], tokens=state["tokens"], elapsed=state["elapsed"],
                             first_loss=state["first_loss"], checks=state["checks"])
-        checkpoints.truncate_log(progress.step)
         logger.info(f"resuming from {resume[0]}: step {progress.step} of {total_steps}")
     else:
         logger.info(f"starting fresh: {total_steps} steps ({budget['kind']}), {epochs:.4g} passes over "
                     f"{dataset.meta['blocks']} blocks, {global_batch} blocks of {dataset.meta['block_size']} tokens "
                     f"per step, {accelerator.num_processes} process(es), {world['distributed']}, "
                     f"{world['mixed_precision']}")
+
+    checkpoints.truncate_log(progress.step)  # what a killed run logged after its checkpoint (all, if none)
+    tracking.start(accelerator, args.checkpoint_dir, checkpoints.log_path, progress.checks)
 
     prepared = None
     with StopRequest() as stop:
@@ -222,6 +228,7 @@ def train(args: argparse.Namespace) -> None:
             "world": world,
             "settings": settings,
         }
+        tracking.flush(accelerator)
         with whole_models(accelerator):
             save_output(args.out, args.model, stages[-1], settings, final, args.trust_remote_code,
                         checkpoints.log_path, stats)

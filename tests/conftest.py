@@ -96,7 +96,10 @@ def make_workdir(tmp: Path, gpt2_tokenizer_dir: Path) -> Path:
 
     files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True, text=True, check=True)
     for name in files.stdout.splitlines():
-        if (ROOT / name).is_file():
+        if (ROOT / name).is_symlink():  # e.g. slurm -> profiles/slurm, the profile `--profile slurm` finds
+            (tmp / name).parent.mkdir(parents=True, exist_ok=True)
+            (tmp / name).symlink_to(os.readlink(ROOT / name))
+        elif (ROOT / name).is_file():
             (tmp / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(ROOT / name, tmp / name)
     (tmp / "resources").mkdir(exist_ok=True)

@@ -21,6 +21,7 @@ from safetensors.torch import load_file
 from conftest import ROOT, pack
 
 from ivr import loss as ivr_loss, trainer
+from ivr.checkpoints import CHECKPOINT_GLOB
 
 SCRIPT = ROOT / "scripts" / "train_sft.py"
 REASSIGNED = list(range(40000, 40300))  # ids of unused GPT-2 tokens the tiny rules give new "tokens"
@@ -53,10 +54,10 @@ def packed(tmp_path_factory, tiny_gpt2_dir, bills_sample) -> Path:
 
 
 def train_command(model: Path, data: Path, out: Path, checkpoints: Path, rules: Path | None, *settings: str,
-                  launch: bool = False) -> list[str]:
+                  launch: bool = False, config: str = "cpu") -> list[str]:
     command = [sys.executable]
     if launch:
-        command += ["-m", "accelerate.commands.launch", "--config_file", str(ROOT / "config/accelerate/cpu.yaml"),
+        command += ["-m", "accelerate.commands.launch", "--config_file", str(ROOT / f"config/accelerate/{config}.yaml"),
                     "--num_processes", "1", "--num_machines", "1", "--num_cpu_threads_per_process", "1"]
     command += [str(SCRIPT), "--model", str(model), "--data", str(data), "--out", str(out),
                 "--checkpoint-dir", str(checkpoints), "--threads", "1"]
@@ -72,6 +73,33 @@ def run(command: list[str]) -> str:
     done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
     return done.stderr
+
+
+def scalars(folder: Path) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar in the TensorBoard event files of folder/tensorboard, as written (tag -> (step, value))."""
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+
+    out: dict[str, list[tuple[int, float]]] = {}
+    for path in sorted((folder / "tensorboard").rglob("events.out.tfevents.*")):
+        for event in EventFileLoader(str(path)).Load():
+            for value in event.summary.value:
+                number = value.simple_value if value.HasField("simple_value") else None
+                if number is None and value.HasField("tensor"):  # newer writers put scalars in a tensor
+                    number = float(value.tensor.float_val[0])
+                out.setdefault(value.tag, []).append((event.step, number))
+    return out
+
+
+def assert_curve_matches_log(folder: Path) -> None:
+    """The TensorBoard loss, lr and tokens/s curves are train_log.jsonl's records, each step once, and the
+    held-row checks are there as scalars."""
+    records = [json.loads(line) for line in (folder / "train_log.jsonl").read_text().splitlines()]
+    curves = scalars(folder)
+    for field in ("loss", "lr", "tokens_per_s", "grad_norm"):
+        assert [step for step, _ in curves[field]] == [r["step"] for r in records], field
+        assert [value for _, value in curves[field]] == pytest.approx([r[field] for r in records], rel=1e-6), field
+    checks = stats(folder)["held_row_checks"]
+    assert curves["held_rows_max_abs_change"] == [(c["step"], c["max_abs_change"]) for c in checks]
 
 
 def weights(folder: Path) -> dict[str, torch.Tensor]:
@@ -109,6 +137,28 @@ def test_stage1_holds_every_other_row_bit_identical_with_weight_decay_on(tmp_pat
     assert not (tmp_path / "ck").exists()  # checkpoints are removed once the model is saved
 
 
+def test_deepspeed_as_installed_trains_under_zero2_on_cpu_and_holds_the_rows(tmp_path, tiny_gpt2_dir, packed,
+                                                                              rules_file):
+    """DeepSpeed at requirements.txt's pin, as setup.sh installs it, under `accelerate launch` with
+    config/accelerate/deepspeed_zero2.yaml: it runs on CPU too (gloo; the first time DeepSpeed builds its
+    shared-memory op with the machine's C++ compiler, a minute or more), and the held rows stay exact."""
+    import deepspeed
+
+    pinned = re.search(r"^deepspeed==(\S+)$", (ROOT / "requirements.txt").read_text(), re.MULTILINE).group(1)
+    assert deepspeed.__version__ == pinned
+    out = tmp_path / "out"
+    log = run(train_command(tiny_gpt2_dir, packed, out, tmp_path / "ck", rules_file, "accelerate=deepspeed_zero2",
+                            launch=True, config="deepspeed_zero2"))
+    assert "1 process(es), DEEPSPEED" in log
+    result = stats(out)
+    assert result["world"]["distributed"] == "DEEPSPEED"
+    assert len(result["held_row_checks"]) >= 2 and all(c["max_abs_change"] == 0.0 for c in result["held_row_checks"])
+    emb = weights(tiny_gpt2_dir)["transformer.wte.weight"], weights(out)["transformer.wte.weight"]
+    assert torch.equal(emb[1][FROZEN], emb[0][FROZEN])  # the frozen special token, through stage 2 (full)
+    assert not torch.equal(emb[1][REASSIGNED], emb[0][REASSIGNED])
+    assert_curve_matches_log(out)
+
+
 def test_untied_head_rows_are_held_too(tmp_path, tiny_gpt2_dir, packed, rules_file):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -120,7 +170,8 @@ def test_untied_head_rows_are_held_too(tmp_path, tiny_gpt2_dir, packed, rules_fi
     AutoTokenizer.from_pretrained(tiny_gpt2_dir).save_pretrained(tmp_path / "untied")
     out = tmp_path / "out"
     run(train_command(tmp_path / "untied", packed, out, tmp_path / "ck", rules_file, "stage2=none",
-                      "stage1_lr=1e-2"))
+                      "stage1_lr=1e-2", "tensorboard=false"))
+    assert not (out / "tensorboard").exists()
     before, after = weights(tmp_path / "untied"), weights(out)
     held = np.setdiff1d(np.arange(50257), REASSIGNED)
     for name in ("transformer.wte.weight", "lm_head.weight"):
@@ -175,12 +226,20 @@ def test_training_compiled_as_one_body_holds_rows_and_starts_at_the_eager_loss(t
     assert abs(stats(out)["first_loss"] - stats(reference)["first_loss"]) < 0.1
 
 
+def test_tensorboard_event_files_hold_the_loss_curve(reference):
+    """What `tensorboard --logdir results/model/sft` plots: the run's loss curve from train_log.jsonl."""
+    assert_curve_matches_log(reference)
+    loss = [value for _, value in scalars(reference)["loss"]]
+    assert len(loss) > 3 and loss[-1] < loss[0]  # it learns
+
+
 def start_and_kill(command: list[str], checkpoints: Path, after_step: int) -> None:
     """Start a training run and SIGKILL it as soon as a checkpoint past `after_step` exists."""
     process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and process.poll() is None:
-        done = [json.loads(p.read_text())["step"] for p in checkpoints.glob("step-*/trainer_state.json")]
+        # complete checkpoints only: a step-N.partial/ may hold a trainer_state.json being written
+        done = [json.loads(p.read_text())["step"] for p in checkpoints.glob(f"{CHECKPOINT_GLOB}/trainer_state.json")]
         if done and max(done) > after_step:
             process.send_signal(signal.SIGKILL)
             process.wait()
@@ -205,6 +264,7 @@ def test_resume_after_sigkill_ends_at_the_same_step_with_the_same_weights(tmp_pa
     a, b = weights(reference), weights(tmp_path / "out")
     for name in a:
         assert torch.equal(a[name], b[name]), name
+    assert_curve_matches_log(tmp_path / "out")  # the resumed run's TensorBoard curve holds each step once
     # the loss log matches too, except the one window cut by the kill (it averages fewer steps)
     differ = [json.loads(a)["step"] for a, b in zip(ref_log, new_log) if json.loads(a)["loss"] != json.loads(b)["loss"]]
     assert len(differ) <= 1

@@ -11,14 +11,15 @@ from pathlib import Path
 
 import torch
 
+from ivr import tracking
 from ivr.cli import log
 
 
 # Settings that change how a run is carried out or reported, not what it computes: they may change
 # between a kill and the rerun without invalidating the checkpoints.
-OPERATIONAL = ("accelerate", "gpus", "threads", "control", "serial", "compile", "compile_scope", "loss_chunk_tokens",
-               "log_every", "checkpoint_every", "frozen_check_every", "eval_every", "eval_documents",
-               "eval_byte_budget")
+OPERATIONAL = ("accelerate", "gpus", "nodes", "threads", "control", "serial", "compile", "compile_scope",
+               "loss_chunk_tokens", "log_every", "checkpoint_every", "frozen_check_every", "eval_every",
+               "eval_documents", "eval_byte_budget", "tensorboard")
 KEEP_CHECKPOINTS = 2
 CHECKPOINT_GLOB = "step-" + "[0-9]" * 7  # complete checkpoints; one being written is step-NNNNNNN.partial
 
@@ -86,9 +87,11 @@ class Checkpoints:
         accelerator.wait_for_everyone()
 
     def append_log(self, record: dict) -> None:
+        """One line of train_log.jsonl, and its numeric fields to the trackers (TensorBoard)."""
         if self.accelerator.is_main_process:
             with open(self.log_path, "a", encoding="utf-8") as handle:
                 handle.write(json.dumps(record) + "\n")
+            tracking.log_record(self.accelerator, record)
 
     def truncate_log(self, step: int) -> None:
         """Drop log lines written after the checkpoint a rerun resumes from."""

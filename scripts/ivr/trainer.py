@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ivr import tracking
 from ivr.checkpoints import Checkpoints, StopRequest, TrainingStopped
 from ivr.cli import UserError
 from ivr.dev_eval import DevEval
@@ -122,7 +123,9 @@ class Progress:
     checks: list | None = None
 
 
-def make_accelerator(settings: dict):
+def make_accelerator(settings: dict, checkpoint_dir: str | Path | None = None):
+    """The Accelerator; with a checkpoint folder and training.tensorboard on, with the TensorBoard tracker
+    (ivr.tracking) writing into its tensorboard/."""
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration, GradientAccumulationPlugin
 
@@ -136,6 +139,7 @@ def make_accelerator(settings: dict):
             num_steps=settings["gradient_accumulation"], sync_with_dataloader=False),
         step_scheduler_with_optimizer=False,
         dataloader_config=DataLoaderConfiguration(non_blocking=cuda),
+        **(tracking.accelerator_kwargs(settings, checkpoint_dir) if checkpoint_dir is not None else {}),
     )
 
 
@@ -279,6 +283,7 @@ def run_stage(accelerator, stage: Stage, model, dataset: PackedBlocks, stream: n
                     f"over {len(stage.held_rows)} rows")
         progress.checks.append({"stage": stage.index, "step": progress.step, "held_rows": len(stage.held_rows),
                                 "max_abs_change": change})
+        tracking.log_held_check(accelerator, progress.step, change)
         if change != 0.0:
             raise RuntimeError(f"held rows moved by {change:g} in stage {stage.index}")
 
