@@ -9,7 +9,6 @@ its rows are the reordered ones, and it generates.
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import sys
 from pathlib import Path
@@ -19,6 +18,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from ivr.cli import UserError, atomic_path, log, run_main  # noqa: E402
+from ivr.files import read_json  # noqa: E402
 from reorder_embeddings import Reassignment, load_reassignments  # noqa: E402
 
 # Files of the model itself, written by save_pretrained; a tokenizer folder must not override them.
@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> None:
 
     if not args.tokenizer.is_dir():
         raise UserError(f"{args.tokenizer}: remapped tokenizer folder does not exist")
-    meta = json.loads(args.embeddings_meta.read_text(encoding="utf-8"))
+    meta = read_json(args.embeddings_meta, "embeddings metadata")
     reassignments = load_reassignments(args.rules)
     ids = [r.id for r in reassignments]
     if meta.get("ids") != ids:

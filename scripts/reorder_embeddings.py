@@ -20,8 +20,8 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from fetch_assets import sha256_of  # noqa: E402
 from ivr.cli import UserError, atomic_outputs, log, run_main  # noqa: E402
+from ivr.files import sha256_of  # noqa: E402
 
 STRATEGIES = ("subtoken_mean", "weighted", "global_mean", "random", "zeros")
 KINDS = ("ngram", "special", "unused_row")

@@ -34,7 +34,8 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from ivr.cli import UserError, atomic_outputs, log, run_main  # noqa: E402
+from ivr.cli import UserError, atomic_outputs, first_line, log, run_main  # noqa: E402
+from ivr.files import read_json  # noqa: E402
 from ivr.remap import CANDIDATE_COLUMNS, Base, load_base  # noqa: E402
 from ivr.tokenization import byte_to_unicode, readable, token_bytes  # noqa: E402
 
@@ -52,17 +53,14 @@ def model_rows(model: str | None, rows: int | None, base: Base, trust_remote_cod
     if rows is None and model:
         path = Path(model) / "config.json"
         if path.is_file():
-            try:
-                config = json.loads(path.read_text(encoding="utf-8"))
-            except (UnicodeDecodeError, json.JSONDecodeError) as err:
-                raise UserError(f"{path}: not a readable model config ({err})") from None
+            config = read_json(path, "model config")
         else:
             from transformers import AutoConfig
 
             try:
                 config = AutoConfig.from_pretrained(model, trust_remote_code=trust_remote_code).to_dict()
             except (OSError, ValueError) as err:
-                raise UserError(f"{model}: cannot read the model config ({str(err).splitlines()[0]})") from None
+                raise UserError(f"{model}: cannot read the model config ({first_line(err)})") from None
         rows = config.get("vocab_size") or config.get("text_config", {}).get("vocab_size")
         if not isinstance(rows, int):
             raise UserError(f"{model}: model config has no vocab_size")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable
 from functools import lru_cache
 from itertools import chain
@@ -12,7 +11,8 @@ from pathlib import Path
 import numpy as np
 import regex
 
-from ivr.cli import UserError
+from ivr.cli import UserError, first_line
+from ivr.files import looks_local, read_json
 
 # The split GPT-2's ByteLevel pre-tokenizer applies when use_regex is on.
 GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
@@ -74,14 +74,11 @@ def load_tokenizer_json(name_or_path: str, trust_remote_code: bool = False) -> d
         candidate = path / "tokenizer.json"
         if not candidate.exists():
             return json.loads(_auto_backend(str(path), trust_remote_code).to_str())
-    elif os.path.isabs(name_or_path) or name_or_path.startswith((".", "~")) or name_or_path.count("/") > 1:
+    elif looks_local(name_or_path):
         raise UserError(f"{name_or_path}: tokenizer or model path does not exist")
     else:
         return json.loads(_auto_backend(name_or_path, trust_remote_code).to_str())
-    try:
-        return json.loads(candidate.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise UserError(f"{candidate}: not a readable tokenizer.json ({err})") from None
+    return read_json(candidate, "tokenizer.json")
 
 
 def _auto_backend(name: str, trust_remote_code: bool):
@@ -90,8 +87,7 @@ def _auto_backend(name: str, trust_remote_code: bool):
     try:
         tok = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserError(f"{name}: cannot load a tokenizer ({first})") from None
+        raise UserError(f"{name}: cannot load a tokenizer ({first_line(err)})") from None
     if not getattr(tok, "is_fast", False):
         raise UserError(f"{name}: only a slow tokenizer is available; IVR needs a fast (tokenizer.json) tokenizer")
     return tok.backend_tokenizer
