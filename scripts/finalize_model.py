@@ -16,12 +16,11 @@ import shutil
 import sys
 from pathlib import Path
 
-import yaml
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from ivr.cli import UserError, atomic_path, log, run_main  # noqa: E402
 from ivr.files import asset_folder, read_json, sha256_of  # noqa: E402
+from ivr.remap_rules import read_rules  # noqa: E402
 
 
 def failed_gates(validation: dict) -> list[str]:
@@ -121,18 +120,6 @@ def read_validation(path: Path) -> dict:
     return validation
 
 
-def read_rules(path: Path) -> dict:
-    if not path.is_file():
-        raise UserError(f"{path}: remap rules file does not exist")
-    try:
-        rules = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, yaml.YAMLError) as err:
-        raise UserError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
-    if not isinstance(rules, dict) or not isinstance(rules.get("reassignments"), list):
-        raise UserError(f"{path}: needs a 'reassignments' list")
-    return rules
-
-
 def check_model(path: Path) -> None:
     if not path.is_dir():
         raise UserError(f"{path}: fine-tuned model folder does not exist")
@@ -150,7 +137,7 @@ def finalize(args: argparse.Namespace) -> None:
     rules = read_rules(args.rules)
     provenance = {
         "base_model": describe_base(args.base_model),
-        "reassigned": len(rules.get("reassignments", [])),
+        "reassigned": len(rules["reassignments"]),
         "corpus": describe_corpus(config.get("corpus", {}).get("paths", [])),
         "general_corpus": describe_corpus((config.get("general_corpus") or {}).get("paths", [])),
         "config": config,

@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from ivr.cli import UserError, atomic_path, log, run_main  # noqa: E402
 from ivr.files import read_json  # noqa: E402
-from reorder_embeddings import Reassignment, load_reassignments  # noqa: E402
+from ivr.remap_rules import Reassignment, load_reassignments  # noqa: E402
 
 # Files of the model itself, written by save_pretrained; a tokenizer folder must not override them.
 MODEL_FILES = {"config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json", "README.md"}

@@ -27,7 +27,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from ivr.cli import UserError, atomic_outputs, log, run_main  # noqa: E402
 from ivr.corpus import ReadOptions, clean, expand_paths, iter_jsonl_texts, read_documents  # noqa: E402
-from ivr.remap import Base, load_base, load_rules, read_merges, split_merge  # noqa: E402
+from ivr.base_bpe import Base, load_base, split_merge  # noqa: E402
+from ivr.candidates import read_merges  # noqa: E402
+from ivr.remap_rules import read_rules  # noqa: E402
 from ivr.tokenization import load_tokenizer_json  # noqa: E402
 
 
@@ -308,7 +310,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     from tokenizers import Tokenizer
 
-    data = load_rules(args.rules)
+    data = read_rules(args.rules)
     rules = data["reassignments"]
     backend = data.get("backend", "unigram")
     base = load_base(args.base_tokenizer, args.trust_remote_code)

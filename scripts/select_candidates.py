@@ -20,29 +20,25 @@ Writes candidates.tsv (every merged pair in merge order, with counts and savings
 from __future__ import annotations
 
 import argparse
-import csv
 import heapq
 import json
-import re
 import sys
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from ivr.base_bpe import Base, load_base  # noqa: E402
+from ivr.candidates import write_candidates  # noqa: E402
 from ivr.cli import UserError, atomic_outputs, first_line, log, run_main  # noqa: E402
 from ivr.files import read_json  # noqa: E402
-from ivr.remap import CANDIDATE_COLUMNS, Base, load_base  # noqa: E402
-from ivr.tokenization import byte_to_unicode, readable, token_bytes  # noqa: E402
+from ivr.remap_rules import check_rules_file, dump_rules, make_rule, piece_segmentation, slot_kind, text_segmentation  # noqa: E402
+from ivr.tokenization import readable, token_bytes  # noqa: E402
 
 BACKENDS = ("unigram", "bpe")
-# What YAML refuses as raw characters, or reads as line breaks, inside a quoted scalar.
-YAML_UNSAFE = re.compile("[^\x09\x0a\x0d\x20-\x7e\xa0-\u2027\u202a-\ud7ff\ue000-\ufefe\uff00-\ufffd\U00010000-\U0010ffff]")
-RULE_KEYS = {"id", "kind", "old_token", "old_readable", "new_token", "new_readable", "base_ids", "frozen"}
 
 
 # ---- the base model -----------------------------------------------------------------------------
@@ -357,152 +353,6 @@ def parse_specials(raw: str | None, base: Base) -> list[Special]:
     return out
 
 
-# ---- the rules ------------------------------------------------------------------------------------
-
-
-def piece_segmentation(base: Base, piece: str) -> list[int]:
-    """Base ids of a byte-level piece (the model alone: a piece lies inside one pre-token)."""
-    return [t.id for t in base.tok.model.tokenize(piece)]
-
-
-def text_segmentation(base: Base, text: str) -> list[int]:
-    return base.tok.encode(text, add_special_tokens=False).ids
-
-
-def slot_kind(base: Base, slot: int) -> str:
-    return "unused_row" if slot >= base.n_ids else "ngram"
-
-
-def make_rule(base: Base, slot: int, kind: str, new_token: str, base_ids: list[int], frozen: bool) -> dict:
-    old = base.tokens[slot] if slot < base.n_ids else None
-    return {
-        "id": slot,
-        "kind": kind,
-        "old_token": old,
-        "old_readable": None if old is None else readable(old),
-        "new_token": new_token,
-        "new_readable": new_token if kind == "special" else readable(new_token),
-        "base_ids": base_ids,
-        "frozen": frozen,
-    }
-
-
-def yaml_string(value: str | None) -> str:
-    """A YAML double-quoted scalar (JSON's escapes, plus the characters YAML may not hold raw)."""
-    if value is None:
-        return "null"
-    text = json.dumps(value, ensure_ascii=False)
-    return YAML_UNSAFE.sub(lambda m: "\\u%04x" % ord(m.group()) if ord(m.group()) < 0x10000 else "\\U%08x" % ord(m.group()), text)
-
-
-def dump_rules(rules: list[dict], base_tokenizer: str, backend: str, header: str) -> str:
-    """The rules as YAML, written by hand: fast for 10k+ entries, one stable layout."""
-    lines = [f"# {line}" for line in header.splitlines()]
-    lines += ["version: 1", f"base_tokenizer: {yaml_string(base_tokenizer)}", f"backend: {backend}", "reassignments:"]
-    for r in sorted(rules, key=lambda r: r["id"]):
-        lines += [
-            f"  - id: {r['id']}",
-            f"    kind: {r['kind']}",
-            f"    old_token: {yaml_string(r['old_token'])}",
-            f"    old_readable: {yaml_string(r['old_readable'])}",
-            f"    new_token: {yaml_string(r['new_token'])}",
-            f"    new_readable: {yaml_string(r['new_readable'])}",
-            f"    base_ids: [{', '.join(map(str, r['base_ids']))}]",
-            f"    frozen: {str(r['frozen']).lower()}",
-        ]
-    if not rules:
-        lines[-1] = "reassignments: []"
-    return "\n".join(lines) + "\n"
-
-
-# ---- a user's rules file ----------------------------------------------------------------------------
-
-
-def read_rules_file(path: Path, base: Base, rows: int, protected: set[int], backend: str) -> list[dict]:
-    """The user's reassignments, checked as strictly as our own: UserError naming the entry otherwise."""
-    if not path.is_file():
-        raise UserError(f"{path}: rules file does not exist")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as err:
-        first = str(err).replace("\n", " ")
-        raise UserError(f"{path}: not valid YAML ({first})") from None
-    if not isinstance(data, dict) or not isinstance(data.get("reassignments"), list):
-        raise UserError(f"{path}: expected a mapping with a 'reassignments' list (see docs/DEVELOPING.md)")
-    unknown = set(data) - {"version", "base_tokenizer", "backend", "reassignments"}
-    if unknown:
-        raise UserError(f"{path}: unknown top-level key '{sorted(unknown)[0]}'")
-    if data.get("version", 1) != 1:
-        raise UserError(f"{path}: version {data['version']!r} is not supported (expected 1)")
-    if data.get("backend", backend) != backend:
-        raise UserError(f"{path}: written for backend '{data['backend']}' but ivr.backend is '{backend}'")
-    alphabet = set(byte_to_unicode().values())
-    seen_ids: dict[int, int] = {}
-    seen_tokens: dict[str, int] = {}
-    rules = []
-    for n, entry in enumerate(data["reassignments"]):
-        where = f"{path}: reassignments[{n}]"
-        if not isinstance(entry, dict):
-            raise UserError(f"{where}: expected a mapping")
-        extra = set(entry) - RULE_KEYS
-        if extra:
-            raise UserError(f"{where}: unknown key '{sorted(extra)[0]}'")
-        slot = entry.get("id")
-        if not isinstance(slot, int) or isinstance(slot, bool) or not 0 <= slot < rows:
-            raise UserError(f"{where}: id must be an integer from 0 to {rows - 1}, not {slot!r}")
-        where = f"{path}: reassignments[{n}] (id {slot})"
-        if slot in seen_ids:
-            raise UserError(f"{where}: id {slot} is named twice (also in reassignments[{seen_ids[slot]}])")
-        seen_ids[slot] = n
-        old = base.tokens[slot] if slot < base.n_ids else None
-        if slot in base.special:
-            raise UserError(f"{where}: id {slot} is the special token '{old}' and cannot be reassigned")
-        if slot in protected:
-            raise UserError(f"{where}: id {slot} ('{readable(old) if old else 'unused row'}') is protected in ivr.protected_ids")
-        if slot < base.n_ids and base.single_byte(slot):
-            raise UserError(f"{where}: id {slot} is the single-byte token '{old}' and cannot be reassigned")
-        if old is None and slot < base.n_ids:
-            raise UserError(f"{where}: id {slot} is not a token of the base tokenizer")
-        if backend == "bpe" and slot in base.built_on:
-            raise UserError(f"{where}: id {slot} ('{readable(old)}') is a part of other merges; the bpe backend can only reassign tokens no merge builds on")
-        if "old_token" in entry and entry["old_token"] != old:
-            raise UserError(f"{where}: old_token {entry['old_token']!r} does not match the base tokenizer's {old!r}")
-        kind = entry.get("kind", "ngram")
-        if kind not in ("ngram", "special", "unused_row"):
-            raise UserError(f"{where}: kind must be ngram, special or unused_row, not {kind!r}")
-        if kind != "special":
-            expected_kind = slot_kind(base, slot)
-            if kind != expected_kind:
-                raise UserError(f"{where}: kind {kind} does not fit the slot (expected {expected_kind})")
-        new = entry.get("new_token")
-        if not isinstance(new, str) or not new:
-            raise UserError(f"{where}: new_token must be a non-empty string")
-        if kind != "special" and not set(new) <= alphabet:
-            raise UserError(f"{where}: new_token {new!r} is not a byte-level string (write bytes as the base vocabulary does, e.g. 'Ġ' for a space)")
-        if new in base.ids:
-            raise UserError(f"{where}: new_token {new!r} is already token {base.ids[new]} of the base tokenizer")
-        if new in seen_tokens:
-            raise UserError(f"{where}: new_token {new!r} is named twice (also in reassignments[{seen_tokens[new]}])")
-        seen_tokens[new] = n
-        frozen = entry.get("frozen", False)
-        if not isinstance(frozen, bool):
-            raise UserError(f"{where}: frozen must be true or false")
-        if kind == "special":
-            base_ids = entry.get("base_ids")
-            if not (isinstance(base_ids, list) and base_ids and all(isinstance(i, int) and 0 <= i < base.n_ids for i in base_ids)):
-                raise UserError(f"{where}: a special token needs base_ids, the base ids its rows start from")
-        else:
-            base_ids = piece_segmentation(base, new)
-            if "base_ids" in entry and entry["base_ids"] != base_ids:
-                raise UserError(f"{where}: base_ids {entry['base_ids']} are not the base segmentation {base_ids} of {new!r}")
-        rule = make_rule(base, slot, kind, new, base_ids, frozen)
-        for key in ("old_readable", "new_readable"):
-            if key in entry and entry[key] != rule[key]:
-                raise UserError(f"{where}: {key} {entry[key]!r} does not match {rule[key]!r}")
-        rules.append(rule)
-    return rules
-
-
 # ---- outputs --------------------------------------------------------------------------------------
 
 
@@ -516,13 +366,6 @@ def candidate_rows(training: Training, slot_of: dict[int, int], words: Words) ->
             f"{m.count / max(words.domain_tokens, 1):.6f}", f"{cumulative / max(words.domain_tokens, 1):.6f}",
         ])
     return rows
-
-
-def write_tsv(path: Path, rows: list[list]) -> None:
-    with open(path, "w", encoding="utf-8", newline="") as handle:
-        writer = csv.writer(handle, delimiter="\t", lineterminator="\n")
-        writer.writerow(CANDIDATE_COLUMNS)
-        writer.writerows(rows)
 
 
 @dataclass
@@ -591,7 +434,7 @@ def select_from_file(
     With selection's own guard (keep every piece min_count uses) this replays the merge order of a
     rules file selection wrote; a hand-written file may need the guard off to build all its tokens.
     """
-    rules = read_rules_file(path, base, rows, protected, backend)
+    rules = check_rules_file(path, base, rows, protected, backend)
     wanted = {r["new_token"]: r for r in rules if r["kind"] != "special"}
     removed = {r["id"] for r in rules if r["id"] < base.n_ids}
     split = without(words, removed, base)
@@ -765,7 +608,7 @@ def main(argv: list[str] | None = None) -> None:
             f"(budget {args.n_reassign}, min count {args.min_count}), {len(selection.rules) - len(selection.candidates)} special tokens."
         )
     with atomic_outputs(args.candidates_out, args.rules_out, args.log_out) as (candidates, rules, report):
-        write_tsv(candidates, selection.candidates)
+        write_candidates(candidates, selection.candidates)
         rules.write_text(dump_rules(selection.rules, args.tokenizer, args.backend, header), encoding="utf-8")
         report.write_text("\n".join(selection.log_lines) + "\n", encoding="utf-8")
     log.info("%d reassignments written to %s", len(selection.rules), args.rules_out)

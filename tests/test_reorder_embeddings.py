@@ -13,8 +13,9 @@ import init_model
 import reorder_embeddings
 from ivr.cli import UserError
 from ivr.modeling import embedding_layout, embedding_matrices, load_causal_lm
+from ivr.remap_rules import Reassignment, load_reassignments
 from ivr.tokenization import to_bytelevel
-from reorder_embeddings import STRATEGIES, Reassignment, load_reassignments, position_weights
+from reorder_embeddings import STRATEGIES, position_weights
 
 # Every strategy on both head layouts, but zeros, which is refused on a tied head.
 STRATEGY_LAYOUTS = [(s, tied) for s in STRATEGIES for tied in (True, False) if not (s == "zeros" and tied)]
