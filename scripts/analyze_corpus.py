@@ -34,6 +34,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from ivr.analysis_tables import write_frequencies, write_pretokens  # noqa: E402
 from ivr.cli import UserError, atomic_outputs, log, progress, run_main  # noqa: E402
 from ivr.tokenization import (  # noqa: E402
     RankSegmenter,
@@ -730,7 +731,6 @@ def _write_tables(table: UnitTable, counts: dict[str, Growing], vocab: dict, fre
                   pretokens_path: Path) -> None:
     import pyarrow as pa
     import pyarrow.compute as pc
-    import pyarrow.parquet as pq
 
     def piece_counts(name: str) -> np.ndarray:
         return table.piece_counts(counts[name].view() if name in counts else np.zeros(0, np.int64))
@@ -740,8 +740,8 @@ def _write_tables(table: UnitTable, counts: dict[str, Growing], vocab: dict, fre
     vocab_size = len(vocab["id"])
     token_count = np.bincount(segs.flat, weights=np.repeat(domain, segs.lens), minlength=vocab_size).astype(np.int64)
     token_general = np.bincount(segs.flat, weights=np.repeat(general, segs.lens), minlength=vocab_size).astype(np.int64)
-    freq = pa.table({**vocab, "count": token_count, "general_count": token_general})
-    writing = threading.Thread(target=pq.write_table, args=(freq, freq_path))  # Arrow writes without the GIL
+    # Arrow writes without the GIL.
+    writing = threading.Thread(target=write_frequencies, args=(freq_path, vocab, token_count, token_general))
     writing.start()
 
     keys = pa.concat_arrays(table.piece_keys) if table.piece_keys else pa.array([], pa.string())
@@ -751,20 +751,12 @@ def _write_tables(table: UnitTable, counts: dict[str, Growing], vocab: dict, fre
     order = pc.sort_indices(pa.table({"domain": domain[keep], "general": general[keep], "text": texts}),
                             sort_keys=[("domain", "descending"), ("general", "descending"), ("text", "ascending")])
     keep, texts = keep[order.to_numpy()], texts.take(order)  # by count, then by text
-    offsets = pa.array(np.concatenate([[0], np.cumsum(segs.lens[keep])]), pa.int32())
+    lens = segs.lens[keep]
     ids, _ = segs.expand(keep)
     # A pre-token's byte-level form is its tokens' strings joined.
+    offsets = pa.array(np.concatenate([[0], np.cumsum(lens)]), pa.int32())
     forms = pc.binary_join(pa.ListArray.from_arrays(offsets, vocab["token"].take(pa.array(ids))), "")
-    pre = pa.table(
-        {
-            "pretoken": forms,
-            "text": texts,
-            "count": pa.array(domain[keep], pa.int64()),
-            "general_count": pa.array(general[keep], pa.int64()),
-            "ids": pa.ListArray.from_arrays(offsets, pa.array(ids, pa.int32())),
-        }
-    )
-    pq.write_table(pre, pretokens_path, use_dictionary=["ids"])  # the strings are distinct
+    write_pretokens(pretokens_path, forms, texts, domain[keep], general[keep], lens, ids)
     writing.join()
 
 

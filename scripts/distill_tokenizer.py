@@ -32,6 +32,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from ivr.analysis_tables import read_pretokens  # noqa: E402
 from ivr.cli import UserError, atomic_path, log, progress, run_main  # noqa: E402
 from ivr.tokenization import byte_to_unicode, check_byte_level_bpe, load_tokenizer_json  # noqa: E402
 
@@ -308,21 +309,10 @@ def base_vocabulary(spec: dict, where: str) -> list[str]:
     return [token for token, _ in by_id]
 
 
-def load_examples(pretokens: Path, include_general: bool) -> Examples:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    try:
-        table = pq.read_table(pretokens, columns=["pretoken", "count", "general_count", "ids"])
-    except (pa.ArrowInvalid, OSError, KeyError) as err:
-        raise UserError(f"{pretokens}: not a pretokens.parquet from the analysis ({err})") from None
-    counts = table.column("count").to_numpy().astype(np.int64)
-    if include_general:
-        counts = counts + table.column("general_count").to_numpy().astype(np.int64)
-    ids = table.column("ids").combine_chunks()
-    offsets = ids.offsets.to_numpy()
-    ex = Examples(table.column("pretoken").to_pylist(), counts, 1.0 + np.log(np.maximum(counts, 1)),
-                  np.diff(offsets).astype(np.int64), ids.values.to_numpy().astype(np.int64)[offsets[0] : offsets[-1]])
+def load_examples(path: Path, include_general: bool) -> Examples:
+    table = read_pretokens(path)
+    counts = table.count + table.general_count if include_general else table.count
+    ex = Examples(table.strings, counts, 1.0 + np.log(np.maximum(counts, 1)), table.lens, table.ids)
     return ex.subset(np.nonzero(counts > 0)[0])
 
 
@@ -442,8 +432,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    if not args.pretokens.is_file():
-        raise UserError(f"{args.pretokens}: pretokens file does not exist")
     opts = FitOptions(args.include_general, args.vocabulary_weight, args.margin, args.l2, args.max_rounds,
                       args.patience, args.lbfgs_iterations, args.dev_fraction, args.seed)
     if opts.margin <= 0 or opts.l2 <= 0 or opts.vocabulary_weight < 0 or not 0 <= opts.dev_fraction < 1:

@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from ivr.cli import UserError, atomic_outputs, log, run_main  # noqa: E402
 from ivr.corpus import ReadOptions, clean, expand_paths, iter_jsonl_texts, read_documents  # noqa: E402
+from ivr.analysis_tables import read_pretokens  # noqa: E402
 from ivr.base_bpe import Base, load_base, split_merge  # noqa: E402
 from ivr.candidates import read_merges  # noqa: E402
 from ivr.remap_rules import read_rules  # noqa: E402
@@ -219,12 +220,10 @@ def compare(base_tok, new_tok, texts: list[str], new_ids: set[int], distilled_to
     return out
 
 
-def load_pretokens(path: Path) -> list[tuple[str, int]]:
-    """(byte-level pre-token, count) of every distinct pre-token of the domain training split."""
-    import pyarrow.parquet as pq
-
-    table = pq.read_table(path, columns=["pretoken", "count"])
-    return [(p, c) for p, c in zip(table.column("pretoken").to_pylist(), table.column("count").to_pylist()) if c]
+def domain_pretokens(path: Path) -> list[tuple[str, int]]:
+    """(byte-level pre-token, count) of every distinct pre-token of the domain training split, most frequent first."""
+    table = read_pretokens(path)
+    return [(p, c) for p, c in zip(table.strings, table.count.tolist()) if c]
 
 
 def training_use(new_tok, pretokens: list[tuple[str, int]], new_ids: set[int]) -> dict:
@@ -316,7 +315,7 @@ def main(argv: list[str] | None = None) -> None:
     base = load_base(args.base_tokenizer, args.trust_remote_code)
     merges = ordered_merges(rules, read_merges(args.candidates), args.candidates)
     new_ids = {r["id"] for r in rules if r["kind"] != "special"}
-    pretokens = load_pretokens(args.pretokens) if args.pretokens else []
+    pretokens = domain_pretokens(args.pretokens) if args.pretokens else []
     distilled_tok = None
     if backend == "bpe":
         spec = build_bpe(base, rules, merges)

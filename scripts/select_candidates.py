@@ -20,7 +20,6 @@ Writes candidates.tsv (every merged pair in merge order, with counts and savings
 from __future__ import annotations
 
 import argparse
-import heapq
 import json
 import sys
 from collections import defaultdict
@@ -31,9 +30,11 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from ivr.analysis_tables import read_frequencies, read_pretokens  # noqa: E402
 from ivr.base_bpe import Base, load_base  # noqa: E402
 from ivr.candidates import write_candidates  # noqa: E402
 from ivr.cli import UserError, atomic_outputs, first_line, log, run_main  # noqa: E402
+from ivr.continued_bpe import Training, Words, continue_bpe, without, words_of  # noqa: E402
 from ivr.files import read_json  # noqa: E402
 from ivr.remap_rules import check_rules_file, dump_rules, make_rule, piece_segmentation, slot_kind, text_segmentation  # noqa: E402
 from ivr.tokenization import readable, token_bytes  # noqa: E402
@@ -67,206 +68,6 @@ def model_rows(model: str | None, rows: int | None, base: Base, trust_remote_cod
             "the tokenizer's ids beyond the rows would have no embedding (is base_tokenizer the model's own?)"
         )
     return rows
-
-
-# ---- the domain's pre-tokens -------------------------------------------------------------------
-
-
-@dataclass
-class Words:
-    """Distinct pre-tokens as base-token sequences, with their domain and general-text counts."""
-
-    seqs: list[list[int]]
-    count: list[int]
-    general: list[int]
-    domain_tokens: int  # base tokens of the whole domain training split
-    domain_bytes: int
-    general_tokens: int
-    general_bytes: int
-
-
-def load_words(path: Path) -> Words:
-    import pyarrow.parquet as pq
-
-    try:
-        table = pq.read_table(path, columns=["pretoken", "count", "general_count", "ids"])
-    except Exception as err:  # pyarrow raises several kinds for a missing column or a damaged file
-        raise UserError(f"{path}: not a pretokens table from the analysis ({str(err).splitlines()[0]})") from None
-    ids = table.column("ids").combine_chunks()
-    offsets = ids.offsets.to_numpy()
-    values = ids.values.to_numpy().astype(np.int64)
-    count = table.column("count").to_numpy()
-    general = table.column("general_count").to_numpy()
-    lengths = np.diff(offsets)
-    nbytes = np.fromiter((len(token_bytes(p)) for p in table.column("pretoken").to_pylist()), dtype=np.int64, count=len(count))
-    keep = np.nonzero(lengths > 1)[0]  # a one-token pre-token has no pair to merge
-    seqs = [values[offsets[i] : offsets[i + 1]].tolist() for i in keep]
-    return Words(
-        seqs=seqs,
-        count=count[keep].tolist(),
-        general=general[keep].tolist(),
-        domain_tokens=int((lengths * count).sum()),
-        domain_bytes=int((nbytes * count).sum()),
-        general_tokens=int((lengths * general).sum()),
-        general_bytes=int((nbytes * general).sum()),
-    )
-
-
-def without(words: Words, removed: set[int], base: Base) -> Words:
-    """The words with removed ids split into the parts their merges join (as the remapped tokenizer does)."""
-    if not removed:
-        return words
-
-    def expand(token_id: int) -> list[int]:
-        if token_id not in removed:
-            return [token_id]
-        left, right = base.parts[token_id]
-        return expand(left) + expand(right)
-
-    seqs = [[i for t in seq for i in expand(t)] if removed.intersection(seq) else seq for seq in words.seqs]
-    return Words(seqs, words.count, words.general, words.domain_tokens, words.domain_bytes, words.general_tokens, words.general_bytes)
-
-
-# ---- continued BPE training ------------------------------------------------------------------------
-
-
-@dataclass
-class Merge:
-    left: int
-    right: int
-    new: int  # internal id of the merged piece (>= the base tokenizer's ids)
-    string: str
-    count: int  # domain tokens this merge saved on the training split
-    general_count: int  # general-text tokens it saved
-    pretokens: int  # distinct pre-tokens it applied in
-    final_count: int = 0  # occurrences of the piece left after all merges
-
-
-@dataclass
-class Training:
-    merges: list[Merge]
-    strings: list[str | None]  # token string of every base id and new piece
-    stop: str  # why the loop ended
-    skipped_existing: int = 0  # best pairs whose string the vocabulary already has
-    skipped_consuming: int = 0  # best pairs that would have left an earlier new piece (almost) unused
-
-
-def continue_bpe(
-    words: Words,
-    strings: list[str | None],
-    budget: int,
-    min_count: int,
-    taken: set[str],
-    only: set[str] | None = None,
-    keep: int = 1,
-    blocked: set[int] = frozenset(),
-) -> Training:
-    """Greedy pair merging inside pre-tokens, as BPE training would continue on the domain.
-
-    strings: token string of every base id; taken: strings that may not become new pieces (the
-    base vocabulary); only: if given, merge only into these strings (a user's rules file);
-    keep: skip a merge that would leave an earlier new piece fewer uses than this (0: never skip);
-    blocked: ids no merge may use (digits, when the base keeps every digit a token of its own).
-    """
-    seqs, count, general = [list(s) for s in words.seqs], words.count, words.general
-    strings = list(strings)
-    # Pairs are keyed as one int (left << 32 | right): much faster dict keys than tuples.
-    pair_count: dict[int, int] = defaultdict(int)
-    pair_general: dict[int, int] = defaultdict(int)
-    where: dict[int, set[int]] = defaultdict(set)  # may keep words that lost the pair; they are skipped
-    for w, seq in enumerate(seqs):
-        c, g = count[w], general[w]
-        for left, right in zip(seq, seq[1:]):
-            key = left << 32 | right
-            pair_count[key] += c
-            pair_general[key] += g
-            where[key].add(w)
-    heap = [(-c, key) for key, c in pair_count.items() if c >= min_count]
-    heapq.heapify(heap)
-    live: dict[int, int] = {}  # occurrences left of each new piece
-    made = set(taken)
-    training = Training([], strings, "budget reached")
-    while len(training.merges) < budget:
-        if not heap:
-            training.stop = f"no pair left with count >= {min_count}"
-            break
-        negative, key = heapq.heappop(heap)
-        if -negative != pair_count.get(key, 0):
-            continue  # stale entry; the current count was pushed when it changed
-        left, right = key >> 32, key & 0xFFFFFFFF
-        if left in blocked or right in blocked:
-            continue
-        string = strings[left] + strings[right]
-        if string in made or (only is not None and string not in only):
-            training.skipped_existing += string in made
-            continue
-        uses = (2 if left == right else 1) * -negative  # an upper bound: overlapping pairs count twice
-        if keep and any(live[t] - uses < keep for t in {left, right} if t in live):
-            training.skipped_consuming += 1
-            continue
-        new = len(strings)
-        strings.append(string)
-        made.add(string)
-        delta: dict[int, int] = defaultdict(int)
-        delta_general: dict[int, int] = defaultdict(int)
-        saved = saved_general = applied = 0
-        for w in where.pop(key):
-            seq, c, g = seqs[w], count[w], general[w]
-            i, hits = 0, 0
-            try:
-                while True:
-                    i = seq.index(left, i)  # the scan runs in C; most visited words hold the pair once
-                    if i + 1 < len(seq) and seq[i + 1] == right:
-                        # Only the pairs around the merged one change; seq[i - 1] is already current.
-                        # Most pre-tokens occur in only one of the two texts: skip the zero updates.
-                        if i:
-                            gone, made_pair = seq[i - 1] << 32 | left, seq[i - 1] << 32 | new
-                            if c:
-                                delta[gone] -= c
-                                delta[made_pair] += c
-                            if g:
-                                delta_general[gone] -= g
-                                delta_general[made_pair] += g
-                            where[made_pair].add(w)
-                        if i + 2 < len(seq):
-                            gone, made_pair = right << 32 | seq[i + 2], new << 32 | seq[i + 2]
-                            if c:
-                                delta[gone] -= c
-                                delta[made_pair] += c
-                            if g:
-                                delta_general[gone] -= g
-                                delta_general[made_pair] += g
-                            where[made_pair].add(w)
-                        seq[i : i + 2] = [new]
-                        hits += 1
-                    i += 1
-            except ValueError:
-                pass
-            if hits:
-                saved += hits * c
-                saved_general += hits * g
-                applied += 1
-        pair_count.pop(key, None)
-        pair_general.pop(key, None)
-        delta.pop(key, None)
-        delta_general.pop(key, None)
-        for k, dg in delta_general.items():
-            if dg:
-                pair_general[k] += dg
-        for k, dc in delta.items():
-            if dc:
-                total = pair_count[k] + dc
-                pair_count[k] = total
-                if total >= min_count:
-                    heapq.heappush(heap, (-total, k))
-        live[new] = saved
-        for t in (left, right):
-            if t in live:
-                live[t] -= saved
-        training.merges.append(Merge(left, right, new, string, saved, saved_general, applied))
-    for merge in training.merges:
-        merge.final_count = live[merge.new]
-    return training
 
 
 def digit_ids(base: Base, policy: str) -> set[int]:
@@ -404,7 +205,7 @@ def select(
     budget = n_reassign
     for _ in range(4):
         training = continue_bpe(
-            without(words, set(sacrificed), base), base.tokens, budget, min_count, taken, keep=min_count, blocked=blocked
+            without(words, set(sacrificed), base.parts), base.tokens, budget, min_count, taken, keep=min_count, blocked=blocked
         )
         needed = max(len(training.merges) + len(specials) - len(unused_rows), 0)
         spared, sacrificed = sacrificed[needed:], sacrificed[:needed]
@@ -437,7 +238,7 @@ def select_from_file(
     rules = check_rules_file(path, base, rows, protected, backend)
     wanted = {r["new_token"]: r for r in rules if r["kind"] != "special"}
     removed = {r["id"] for r in rules if r["id"] < base.n_ids}
-    split = without(words, removed, base)
+    split = without(words, removed, base.parts)
     for keep in (min_count, 0):
         training = continue_bpe(split, base.tokens, len(wanted), 1, set(base.ids), only=set(wanted), keep=keep)
         missing = sorted(set(wanted) - {m.string for m in training.merges}, key=lambda s: wanted[s]["id"])
@@ -530,22 +331,6 @@ def quoted(text: str) -> str:
     return json.dumps(text, ensure_ascii=False).replace("|", "\\|")
 
 
-def load_frequencies(path: Path, n_ids: int) -> tuple[np.ndarray, np.ndarray]:
-    import pyarrow.parquet as pq
-
-    try:
-        table = pq.read_table(path, columns=["id", "count", "general_count"])
-    except Exception as err:  # pyarrow raises several kinds for a missing column or a damaged file
-        raise UserError(f"{path}: not a token frequency table from the analysis ({str(err).splitlines()[0]})") from None
-    ids = table.column("id").to_numpy()
-    if len(ids) and ids.max() >= n_ids:
-        raise UserError(f"{path}: has ids up to {ids.max()} but the base tokenizer only {n_ids}; was it made with another tokenizer?")
-    domain, general = np.zeros(n_ids, np.int64), np.zeros(n_ids, np.int64)
-    domain[ids] = table.column("count").to_numpy()
-    general[ids] = table.column("general_count").to_numpy()
-    return domain, general
-
-
 def parse_ids(raw: str) -> set[int]:
     try:
         return {int(part) for part in raw.replace(",", " ").split()}
@@ -587,11 +372,8 @@ def main(argv: list[str] | None = None) -> None:
     if bad:
         raise UserError(f"ivr.protected_ids: id {bad[0]} is not a row of the model (0 to {rows - 1})")
     specials = parse_specials(args.special_tokens, base)
-    for path in (args.pretokens, args.frequencies):
-        if not path.exists():
-            raise UserError(f"{path}: analysis output does not exist")
-    words = load_words(args.pretokens)
-    frequencies = load_frequencies(args.frequencies, base.n_ids)
+    words = words_of(read_pretokens(args.pretokens))
+    frequencies = read_frequencies(args.frequencies, base.n_ids)
     log.info("%d pre-tokens of two or more tokens; %d domain tokens", len(words.seqs), words.domain_tokens)
     if args.rules_file:
         if specials:

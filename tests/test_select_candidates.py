@@ -12,8 +12,8 @@ import yaml
 from conftest import ROOT
 from ivr.base_bpe import load_base
 from ivr.cli import run_main
+from ivr.continued_bpe import Words, continue_bpe
 from ivr.remap_rules import read_rules
-from select_candidates import Words, continue_bpe
 from select_candidates import main as select_main
 
 BUDGET = 300
