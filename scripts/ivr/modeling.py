@@ -10,6 +10,7 @@ import torch
 
 from ivr.cli import UserError, first_line
 from ivr.files import looks_local
+from ivr.tokenization import load_tokenizer  # noqa: F401 (its home is ivr.tokenization; callers still import it here)
 
 
 @dataclass(frozen=True)
@@ -59,22 +60,6 @@ def load_causal_lm(
     except (OSError, ValueError) as err:
         raise UserError(f"{name}: cannot load a causal LM ({first_line(err)})") from None
     return model.to(device).eval()
-
-
-def load_tokenizer(name_or_path: str | os.PathLike, *, trust_remote_code: bool = False):
-    """A fast tokenizer from a local folder or hub id."""
-    from transformers import AutoTokenizer
-
-    name = str(name_or_path)
-    if not Path(name).exists() and looks_local(name):
-        raise UserError(f"{name}: tokenizer or model folder does not exist")
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as err:
-        raise UserError(f"{name}: cannot load a tokenizer ({first_line(err)})") from None
-    if not getattr(tokenizer, "is_fast", False):
-        raise UserError(f"{name}: only a slow tokenizer is available; a fast (tokenizer.json) tokenizer is needed")
-    return tokenizer
 
 
 def _module_name(model: torch.nn.Module, target: torch.nn.Module) -> str:

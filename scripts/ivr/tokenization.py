@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable
 from functools import lru_cache
 from itertools import chain
@@ -69,28 +70,26 @@ def load_tokenizer_json(name_or_path: str, trust_remote_code: bool = False) -> d
     """The tokenizer.json of a local HF folder, a tokenizer.json file, or a hub id, as a dict."""
     path = Path(name_or_path)
     if path.is_file():
-        candidate = path
-    elif path.is_dir():
-        candidate = path / "tokenizer.json"
-        if not candidate.exists():
-            return json.loads(_auto_backend(str(path), trust_remote_code).to_str())
-    elif looks_local(name_or_path):
-        raise UserError(f"{name_or_path}: tokenizer or model path does not exist")
-    else:
-        return json.loads(_auto_backend(name_or_path, trust_remote_code).to_str())
-    return read_json(candidate, "tokenizer.json")
+        return read_json(path, "tokenizer.json")
+    if (path / "tokenizer.json").is_file():
+        return read_json(path / "tokenizer.json", "tokenizer.json")
+    return json.loads(load_tokenizer(name_or_path, trust_remote_code=trust_remote_code).backend_tokenizer.to_str())
 
 
-def _auto_backend(name: str, trust_remote_code: bool):
+def load_tokenizer(name_or_path: str | os.PathLike, *, trust_remote_code: bool = False):
+    """A fast transformers tokenizer from a local folder or hub id."""
     from transformers import AutoTokenizer
 
+    name = str(name_or_path)
+    if not Path(name).exists() and looks_local(name):
+        raise UserError(f"{name}: tokenizer or model folder does not exist")
     try:
-        tok = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as err:
         raise UserError(f"{name}: cannot load a tokenizer ({first_line(err)})") from None
-    if not getattr(tok, "is_fast", False):
+    if not getattr(tokenizer, "is_fast", False):
         raise UserError(f"{name}: only a slow tokenizer is available; IVR needs a fast (tokenizer.json) tokenizer")
-    return tok.backend_tokenizer
+    return tokenizer
 
 
 def _steps(node: dict | None) -> list[dict]:
