@@ -34,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from ivr.analysis_tables import read_pretokens  # noqa: E402
 from ivr.cli import UserError, atomic_path, log, progress, run_main  # noqa: E402
+from ivr.ragged import Ragged  # noqa: E402
 from ivr.tokenization import byte_to_unicode, check_byte_level_bpe, load_tokenizer_json  # noqa: E402
 
 FIXED_SCORE = -1e6  # pieces the BPE never builds from text (added tokens in the model vocabulary)
@@ -65,10 +66,8 @@ class Examples:
     flat: np.ndarray  # BPE ids, strings back to back
 
     def subset(self, index: np.ndarray) -> Examples:
-        starts = np.cumsum(self.lens) - self.lens
-        positions = np.repeat(starts[index], self.lens[index]) + _ranks(self.lens[index])
-        return Examples([self.strings[i] for i in index], self.counts[index], self.weights[index],
-                        self.lens[index], self.flat[positions])
+        rows = Ragged(self.lens, self.flat).take(index)
+        return Examples([self.strings[i] for i in index], self.counts[index], self.weights[index], rows.lens, rows.flat)
 
 
 def _ranks(lens: np.ndarray) -> np.ndarray:

@@ -6,7 +6,6 @@ import json
 import os
 from collections.abc import Callable
 from functools import lru_cache
-from itertools import chain
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +13,7 @@ import regex
 
 from ivr.cli import UserError, first_line
 from ivr.files import looks_local, read_json
+from ivr.ragged import Ragged, interleave
 
 # The split GPT-2's ByteLevel pre-tokenizer applies when use_regex is on.
 GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
@@ -329,9 +329,9 @@ class RankSegmenter:
         ranks = self._core.encode_single_piece(piece)
         return ranks if self._rank_to_id is None else self._rank_to_id[ranks].tolist()
 
-    def many(self, pieces) -> tuple[np.ndarray, np.ndarray]:
+    def many(self, pieces) -> Ragged:
         """Segmentations of many pre-tokens (a list or pyarrow array of strings) through one call into
-        tiktoken: (lengths, ids back to back)."""
+        tiktoken, a row a pre-token."""
         import pyarrow as pa
         import pyarrow.compute as pc
 
@@ -350,9 +350,9 @@ class RankSegmenter:
         if self._rank_to_id is not None:
             flat = self._rank_to_id[flat]
         if not alone.any():
-            return lens, flat
-        lone = ragged([self(p.encode("utf-8")) for p in pieces.filter(pa.array(alone)).to_pylist()])
-        return interleave([(np.flatnonzero(~alone), (lens, flat)), (np.flatnonzero(alone), lone)], len(pieces))
+            return Ragged(lens, flat)
+        lone = Ragged.of([self(p.encode("utf-8")) for p in pieces.filter(pa.array(alone)).to_pylist()])
+        return interleave([(np.flatnonzero(~alone), Ragged(lens, flat)), (np.flatnonzero(alone), lone)], len(pieces))
 
 
 def _is_utf8(data: bytes) -> bool:
@@ -361,23 +361,3 @@ def _is_utf8(data: bytes) -> bool:
     except UnicodeDecodeError:
         return False
     return True
-
-
-def ragged(rows: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
-    """Rows of ints of varying length as (lengths, values back to back)."""
-    lens = np.fromiter(map(len, rows), dtype=np.int64, count=len(rows))
-    return lens, np.fromiter(chain.from_iterable(rows), dtype=np.int64, count=int(lens.sum()))
-
-
-def interleave(sources: list[tuple[np.ndarray, tuple[np.ndarray, np.ndarray]]], n: int) -> tuple[np.ndarray, np.ndarray]:
-    """n rows gathered from ragged sources: each source is (destination row of each of its rows, (lengths, values))."""
-    lens = np.zeros(n, np.int64)
-    for rows, (row_lens, _) in sources:
-        lens[rows] = row_lens
-    starts = np.cumsum(lens) - lens
-    flat = np.zeros(int(lens.sum()), np.int64)
-    for rows, (row_lens, values) in sources:
-        within = np.cumsum(row_lens) - row_lens
-        flat[np.repeat(starts[rows] - within, row_lens) + np.arange(len(values))] = values
-    return lens, flat
-
