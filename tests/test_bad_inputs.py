@@ -408,6 +408,9 @@ CASES: dict[str, Callable] = {
                                                   ["key 'ivr.rules_file'", "'my rules.yaml' does not exist"]),
     "config_corpus_path_missing": snakemake_config("corpus:\n  paths: [data/bills 2024.jsonl]\n",
                                                    ["key 'corpus.paths.0'", "'data/bills 2024.jsonl' does not exist"]),
+    "config_special_tokens_and_rules_file": snakemake_config(
+        "ivr:\n  special_tokens: [{token: '<ToW>', init_text: a thought}]\n  rules_file: my rules.yaml\n",
+        ["ivr.special_tokens and ivr.rules_file are both set", "list the special tokens in the rules file"]),
     "config_sft_data_missing": snakemake_config("training:\n  sft_data: sft/examples.jsonl\n",
                                                 ["key 'training.sft_data'", "'sft/examples.jsonl' does not exist"]),
     "path_with_shell_metacharacters": metacharacters,

@@ -206,6 +206,8 @@ def test_rules_file_error_from_the_command_line(tmp_path, selections, gpt2_bills
         ({"budget": 10}, "unknown key 'ivr.budget'"),
         ({"backend": "wordpiece"}, "key 'ivr.backend'"),
         ({"special_tokens": [{"token": "<ToW>"}]}, "key 'ivr.special_tokens.0'"),
+        ({"special_tokens": [{"token": "<ToW>", "init_text": "a"}], "rules_file": "r.yaml"},
+         "ivr.special_tokens and ivr.rules_file are both set"),
     ],
 )
 def test_config_section_is_checked(ivr, expected):

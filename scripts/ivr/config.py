@@ -58,6 +58,8 @@ def _describe(error) -> tuple[list, str]:
         return [*parts, extra[0]], f"unknown key '{key}' (allowed here: {', '.join(known)})"
     if error.validator in ("oneOf", "anyOf") and error.context:
         return _describe(min(error.context, key=lambda e: len(list(e.absolute_path)) * -1))
+    if error.validator == "not" and "description" in error.validator_value:  # a combination the schema refuses
+        return parts, error.validator_value["description"]
     return parts, f"key '{where or '(top level)'}': {error.message}"
 
 
