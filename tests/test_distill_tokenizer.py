@@ -12,8 +12,9 @@ import pytest
 from tokenizers import Tokenizer
 
 from conftest import ROOT
-from distill_tokenizer import FitOptions, distill
+from distill_tokenizer import distill
 from ivr.fidelity import measure_fidelity, read_texts
+from ivr.unigram_fit import FitOptions
 
 FIT = FitOptions(max_rounds=6)
 

@@ -13,8 +13,9 @@ import pytest
 from tokenizers import Tokenizer
 
 from conftest import ROOT
-from distill_tokenizer import FitOptions, distill, unigram_spec
+from distill_tokenizer import distill, unigram_spec
 from ivr.fidelity import measure_fidelity, read_texts
+from ivr.unigram_fit import FitOptions
 
 
 @pytest.fixture(scope="module")
