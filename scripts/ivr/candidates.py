@@ -8,11 +8,26 @@ import os
 from pathlib import Path
 
 from ivr.cli import UserError
+from ivr.continued_bpe import Training
+from ivr.tokenization import readable
 
 COLUMNS = [
     "rank", "id", "left", "right", "new_token", "new_readable", "count", "general_count",
     "pretokens", "final_count", "saving", "cumulative_saving",
 ]
+
+
+def candidate_rows(training: Training, slot_of: dict[int, int], domain_tokens: int) -> list[list]:
+    """A row per merge of a continued-BPE training, in merge order; slot_of: the id each new piece takes."""
+    rows, cumulative, strings = [], 0, training.strings
+    for rank, m in enumerate(training.merges, start=1):
+        cumulative += m.count
+        rows.append([
+            rank, slot_of[m.new], strings[m.left], strings[m.right],
+            m.string, readable(m.string), m.count, m.general_count, m.pretokens, m.final_count,
+            f"{m.count / max(domain_tokens, 1):.6f}", f"{cumulative / max(domain_tokens, 1):.6f}",
+        ])
+    return rows
 
 
 def write_candidates(path: str | os.PathLike, rows: list[list]) -> None:
