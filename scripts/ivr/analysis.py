@@ -47,8 +47,9 @@ def ids_dtype(vocab_size: int):
 # up in a sorted table of 64-bit hashes (StringNumbering), so no Python object is made per word.
 # Resolving (one helper process, meanwhile): the new units are pre-tokenized once, most of them in
 # one regex pass over them all joined, and their new pre-tokens segmented with the base BPE in one
-# tiktoken call, each split over analysis.threads threads; the helper also expands the training split's units into token ids and appends them
-# to the ids file (in a thread). Counting by unit is exact and much cheaper than encoding every document.
+# tiktoken call, both split over analysis.threads threads; the helper also expands the training
+# split's units into token ids and appends them to the ids file (in a thread). Counting by unit is
+# exact and much cheaper than encoding every document.
 
 SPECIAL = "\x00"  # unit kinds, as the first character of a unit's key: an added token met in the text,
 WORD = "\x01"  # a word that followed a single space (its pre-tokens are those of " " + word),
