@@ -8,6 +8,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(workflow.basedir) / "scripts"))
 from ivr.cli import UserError  # noqa: E402
 from ivr.config import check_input_paths, validate_config  # noqa: E402
+from ivr.files import asset_folder as fetched_folder  # noqa: E402
 
 # Config sources, lowest precedence first (--configfile files override the Snakefile's, --config
 # overrides both), so that an error names the one whose value is in effect.
@@ -51,10 +52,7 @@ def script(name):
 
 def asset_folder(path):
     """The folder a fetched asset lands in, if path lies inside one (Snakemake then fetches it)."""
-    parts = Path(path).parts
-    if len(parts) >= 3 and parts[:2] == ("resources", "assets"):
-        return str(Path(*parts[:3]))
-    return path
+    return fetched_folder(path) or path
 
 
 def corpus_config(corpus):

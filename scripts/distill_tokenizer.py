@@ -3,20 +3,12 @@
 
 Every vocabulary string keeps its id; added and special tokens, normalizer, pre-tokenizer, decoder
 and post-processor are copied unchanged; only the model becomes a Unigram, whose scores are fitted
-so that its Viterbi segmentation reproduces the BPE's on the training split's distinct pre-tokens
-(pretokens.parquet from the analysis), optionally with the general-text pre-tokens and every
-vocabulary string as extra examples.
-
-The fit is a cutting-plane method with a squared-hinge margin: starting from log token
-frequencies, each round segments all pre-tokens with the current scores (the Rust Unigram Viterbi of
-`tokenizers`), adds a constraint "the BPE segmentation beats the one found by at least the margin"
-for every pre-token segmented differently, and re-solves all constraints gathered so far with
-L-BFGS. A slice of rare training pre-tokens is kept out of the fit as a dev set; the round with the
-best expected agreement on new text (seen pre-tokens as on the fit, unseen ones as on the dev set)
-wins, and rounds stop when it stops improving. Writes a Hugging Face tokenizer folder
-(tokenizer.json, tokenizer_config.json, the base's special tokens map and chat template when it
-has them, distillation.json with the fit's figures). A pre-token weighs 1 + log(its count) in the
-fit, a vocabulary string --vocabulary-weight.
+(ivr/unigram_fit.py) so that its Viterbi segmentation reproduces the BPE's on the training split's
+distinct pre-tokens (pretokens.parquet from the analysis), optionally with the general-text pre-tokens
+and every vocabulary string as extra examples. A slice of rare training pre-tokens is kept out of the
+fit as a dev set. Writes a Hugging Face tokenizer folder (tokenizer.json, tokenizer_config.json, the
+base's special tokens map and chat template when it has them, distillation.json with the fit's
+figures). A pre-token weighs 1 + log(its count) in the fit, a vocabulary string --vocabulary-weight.
 """
 
 from __future__ import annotations
@@ -25,278 +17,19 @@ import argparse
 import json
 import sys
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from ivr.cli import UserError, atomic_path, log, progress, run_main  # noqa: E402
+from ivr.analysis_tables import read_pretokens  # noqa: E402
+from ivr.cli import UserError, atomic_path, log, run_main  # noqa: E402
 from ivr.tokenization import byte_to_unicode, check_byte_level_bpe, load_tokenizer_json  # noqa: E402
+from ivr.unigram_fit import Examples, FitOptions, fit_scores, joined, mismatched, model_segmenter, segment, split_dev  # noqa: E402
 
-FIXED_SCORE = -1e6  # pieces the BPE never builds from text (added tokens in the model vocabulary)
-BATCH = 2048  # pre-tokens per string handed to the Rust segmenter
 COPIED = ("special_tokens_map.json", "chat_template.jinja", "chat_template.json")
-
-
-@dataclass(frozen=True)
-class FitOptions:
-    include_general: bool = True  # fit the general-text pre-tokens too
-    vocabulary_weight: float = 1.0  # weight of each vocabulary string as an extra example (0: none)
-    margin: float = 1.0  # score by which the BPE segmentation must beat any other
-    l2: float = 0.01  # pull towards the log-frequency start
-    max_rounds: int = 10
-    patience: int = 2  # rounds without a better expected agreement before stopping
-    lbfgs_iterations: int = 100
-    dev_fraction: float = 0.05  # share of rare (count <= 2) pre-tokens kept out as the dev set
-    seed: int = 0
-
-
-@dataclass
-class Examples:
-    """Pre-token types (byte-level strings) with their BPE segmentation, as flat arrays."""
-
-    strings: list[str]
-    counts: np.ndarray  # occurrences in the fitted splits (0 for vocabulary strings)
-    weights: np.ndarray  # weight in the fit
-    lens: np.ndarray  # BPE tokens per string
-    flat: np.ndarray  # BPE ids, strings back to back
-
-    def subset(self, index: np.ndarray) -> Examples:
-        starts = np.cumsum(self.lens) - self.lens
-        positions = np.repeat(starts[index], self.lens[index]) + _ranks(self.lens[index])
-        return Examples([self.strings[i] for i in index], self.counts[index], self.weights[index],
-                        self.lens[index], self.flat[positions])
-
-
-def _ranks(lens: np.ndarray) -> np.ndarray:
-    """0, 1, ..., len-1 for each group, back to back."""
-    return np.arange(int(lens.sum())) - np.repeat(np.cumsum(lens) - lens, lens)
-
-
-# ---- the segmenters ----------------------------------------------------------------------------
-
-
-def _segmenter(model: dict):
-    """A tokenizer that segments space-joined byte-level strings with `model` alone."""
-    from tokenizers import Tokenizer
-
-    spec = {"version": "1.0", "truncation": None, "padding": None, "added_tokens": [], "normalizer": None,
-            "pre_tokenizer": {"type": "WhitespaceSplit"}, "post_processor": None, "decoder": None, "model": model}
-    return Tokenizer.from_str(json.dumps(spec))
-
-
-def unigram_segmenter(vocab: list[str], scores: np.ndarray):
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    tok = Tokenizer(models.Unigram(list(zip(vocab, scores.tolist())), None, False))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return tok
-
-
-def joined(strings: list[str]) -> list[str]:
-    """Batches of byte-level strings joined by spaces (byte-level strings never contain white space)."""
-    return [" ".join(strings[i : i + BATCH]) for i in range(0, len(strings), BATCH)]
-
-
-def segment(tok, batches: list[str], n: int) -> tuple[np.ndarray, np.ndarray]:
-    """Segment n strings given as joined batches: (tokens per string, ids back to back)."""
-    if not n:
-        return np.zeros(0, np.int64), np.zeros(0, np.int64)
-    encodings = tok.encode_batch(batches, add_special_tokens=False)
-    flat = np.concatenate([np.asarray(e.ids, dtype=np.int64) for e in encodings])
-    words = np.concatenate([np.asarray(e.word_ids, dtype=np.int64) + i * BATCH for i, e in enumerate(encodings)])
-    return np.bincount(words, minlength=n), flat
-
-
-def mismatched(ex: Examples, lens: np.ndarray, flat: np.ndarray) -> np.ndarray:
-    """Which strings a segmentation (lens, flat) splits differently from the BPE."""
-    same_len = lens == ex.lens
-    owner = np.repeat(np.arange(len(ex.lens)), ex.lens)
-    ranks = _ranks(ex.lens)
-    aligned = same_len[owner]
-    pred_pos = (np.cumsum(lens) - lens)[owner[aligned]] + ranks[aligned]
-    differs = np.zeros(len(owner), dtype=bool)
-    differs[aligned] = ex.flat[aligned] != flat[pred_pos]
-    return ~same_len | (np.bincount(owner, weights=differs, minlength=len(ex.lens)) > 0)
-
-
-# ---- the fit -----------------------------------------------------------------------------------
-
-
-class Constraints:
-    """Rows a.w >= margin, a = piece counts of the BPE segmentation minus those of a rival one.
-
-    Identical rows are merged (their weights add), which keeps the squared hinge exact.
-    """
-
-    def __init__(self, vocab_size: int) -> None:
-        self.vocab_size = vocab_size
-        self.index: dict[bytes, int] = {}
-        self.rows: list[np.ndarray] = []
-        self.cols: list[np.ndarray] = []
-        self.vals: list[np.ndarray] = []
-        self.weight: list[float] = []
-
-    def add(self, ex: Examples, wrong: np.ndarray, lens: np.ndarray, flat: np.ndarray) -> int:
-        """Add a row for each wrongly segmented string; returns how many rows are new."""
-        bad = np.nonzero(wrong)[0]
-        if not len(bad):
-            return 0
-        gold_owner = np.repeat(np.arange(len(ex.lens)), ex.lens)
-        pred_owner = np.repeat(np.arange(len(lens)), lens)
-        gold_sel, pred_sel = wrong[gold_owner], wrong[pred_owner]
-        keys = np.concatenate([gold_owner[gold_sel] * self.vocab_size + ex.flat[gold_sel],
-                               pred_owner[pred_sel] * self.vocab_size + flat[pred_sel]])
-        signs = np.concatenate([np.ones(gold_sel.sum()), -np.ones(pred_sel.sum())])
-        keys, inverse = np.unique(keys, return_inverse=True)
-        vals = np.bincount(inverse, weights=signs)
-        keep = vals != 0
-        keys, vals = keys[keep], vals[keep]
-        owners, cols = keys // self.vocab_size, keys % self.vocab_size
-        bounds = np.searchsorted(owners, bad, side="left"), np.searchsorted(owners, bad, side="right")
-        new = 0
-        for string, start, end in zip(bad, *bounds):
-            if start == end:  # same pieces in another order: no score can tell them apart
-                continue
-            row_cols, row_vals = cols[start:end], vals[start:end]
-            key = row_cols.tobytes() + row_vals.tobytes()
-            row = self.index.get(key)
-            if row is None:
-                row = self.index[key] = len(self.weight)
-                self.rows.append(np.full(end - start, row))
-                self.cols.append(row_cols)
-                self.vals.append(row_vals)
-                self.weight.append(0.0)
-                new += 1
-            self.weight[row] += float(ex.weights[string])
-        return new
-
-    def objective(self, w0: np.ndarray, free: np.ndarray, margin: float, l2: float):
-        """f(w) -> (value, gradient) of l2/2 |w - w0|^2 + sum_k c_k max(0, margin - a_k.w)^2."""
-        rows, cols, vals = (np.concatenate(x) for x in (self.rows, self.cols, self.vals))
-        weight = np.asarray(self.weight)
-        n, size = len(weight), len(w0)
-
-        def f(w: np.ndarray) -> tuple[float, np.ndarray]:
-            short = np.maximum(0.0, margin - np.bincount(rows, weights=vals * w[cols], minlength=n))
-            value = 0.5 * l2 * float(((w - w0) ** 2).sum()) + float((weight * short * short).sum())
-            grad = l2 * (w - w0) - 2.0 * np.bincount(cols, weights=vals * (weight * short)[rows], minlength=size)
-            return value, grad * free
-
-        return f
-
-    def violated(self, w: np.ndarray) -> int:
-        """How many rows the scores w break outright (the BPE segmentation does not win)."""
-        if not self.weight:
-            return 0
-        rows, cols, vals = (np.concatenate(x) for x in (self.rows, self.cols, self.vals))
-        return int((np.bincount(rows, weights=vals * w[cols], minlength=len(self.weight)) <= 0).sum())
-
-
-def _dot(a: np.ndarray, b: np.ndarray) -> float:
-    # not `a @ b`: a multithreaded BLAS dot is slow on a busy machine, and this is exact enough
-    return float(np.multiply(a, b).sum())
-
-
-def lbfgs(f, x: np.ndarray, iterations: int, memory: int = 10) -> np.ndarray:
-    """Minimize a smooth f (value, gradient) with limited-memory BFGS and a backtracking line search."""
-    value, grad = f(x)
-    pairs: list[tuple[np.ndarray, np.ndarray, float]] = []
-    for _ in range(iterations):
-        if not np.any(grad):
-            break
-        q = grad.copy()
-        alphas = []
-        for s, y, rho in reversed(pairs):
-            alpha = rho * _dot(s, q)
-            q -= alpha * y
-            alphas.append(alpha)
-        if pairs:
-            s, y, _ = pairs[-1]
-            q *= _dot(s, y) / _dot(y, y)
-        else:
-            q /= max(1.0, float(np.abs(grad).sum()))
-        for (s, y, rho), alpha in zip(pairs, reversed(alphas)):
-            q += (alpha - rho * _dot(y, q)) * s
-        direction = -q
-        slope = _dot(grad, direction)
-        if slope >= 0:  # not a descent direction: start over from the gradient
-            pairs.clear()
-            direction = -grad / max(1.0, float(np.abs(grad).sum()))
-            slope = _dot(grad, direction)
-        step = 1.0
-        while True:
-            new_x = x + step * direction
-            new_value, new_grad = f(new_x)
-            if new_value <= value + 1e-4 * step * slope or step < 1e-12:
-                break
-            step *= 0.5
-        s, y = new_x - x, new_grad - grad
-        if _dot(s, y) > 1e-12:
-            pairs = (pairs + [(s, y, 1.0 / _dot(s, y))])[-memory:]
-        converged = value - new_value <= 1e-12 * max(1.0, abs(value))
-        x, value, grad = new_x, new_value, new_grad
-        if converged:
-            break
-    return x
-
-
-def fit_scores(vocab: list[str], fixed: np.ndarray, fit: Examples, dev: Examples, unseen: float,
-               opts: FitOptions) -> tuple[np.ndarray, dict]:
-    """Unigram scores whose Viterbi segmentation reproduces the BPE's on `fit`.
-
-    Each round's scores are judged by the agreement they can be expected to reach on new text of the
-    same kind: pre-tokens seen in training (a share 1 - unseen of the occurrences) agree as on `fit`,
-    unseen ones as on `dev`; unseen is the Good-Turing estimate (share of occurrences that are
-    pre-tokens met once). The best round wins; once a round has beaten the log-frequency start,
-    rounds stop when that has not improved for `patience` rounds.
-    """
-    size = len(vocab)
-    free = np.ones(size)
-    free[fixed] = 0.0
-    counts = np.bincount(fit.flat, weights=np.repeat(fit.counts, fit.lens), minlength=size).astype(np.float64)
-    w0 = np.log((counts + 0.1) / (counts.sum() + 0.1 * size))
-    w0[fixed] = FIXED_SCORE
-    fit_batches, dev_batches = joined(fit.strings), joined(dev.strings)
-    occurrences = max(1, int(fit.counts.sum()))
-    constraints = Constraints(size)
-    scores, best, best_scores, best_round, stale = w0, -1.0, w0, 0, 0
-    history = []
-    bar = progress(total=opts.max_rounds + 1, desc="distill rounds", unit="round")
-    for round_ in range(opts.max_rounds + 1):
-        segmenter = unigram_segmenter(vocab, scores)
-        lens, flat = segment(segmenter, fit_batches, len(fit.strings))
-        wrong = mismatched(fit, lens, flat)
-        fit_agreement = 1.0 - float(fit.counts[wrong].sum()) / occurrences
-        dev_wrong = mismatched(dev, *segment(segmenter, dev_batches, len(dev.strings)))
-        dev_agreement = 1.0 - float(dev_wrong.mean()) if dev.strings else 1.0
-        expected = float((1.0 - unseen) * fit_agreement + unseen * dev_agreement)
-        entry = {"round": round_, "fit_pretokens_wrong": int(wrong.sum()), "fit_agreement": round(fit_agreement, 8),
-                 "dev_agreement": round(dev_agreement, 8), "expected_agreement": round(expected, 8),
-                 "violated": constraints.violated(scores)}
-        if expected > best:
-            best, best_scores, best_round, stale = expected, scores, round_, 0
-        elif best_round > 0:  # the first rounds may do worse than the start: a few constraints overshoot
-            stale += 1
-        go_on = round_ < opts.max_rounds and stale < opts.patience
-        new_rows = constraints.add(fit, wrong, lens, flat) if go_on else 0
-        entry["constraints"] = len(constraints.weight)
-        history.append(entry)
-        log.info("round %d: %d pre-tokens segmented differently, agreement %.6f on the fit, %.6f on dev, "
-                 "%.6f expected; %d of %d constraints violated", round_, entry["fit_pretokens_wrong"], fit_agreement,
-                 dev_agreement, expected, entry["violated"], entry["constraints"])
-        bar.update(1)
-        bar.set_postfix(wrong=entry["fit_pretokens_wrong"], expected=f"{expected:.6f}")
-        if not new_rows:
-            break
-        scores = lbfgs(constraints.objective(w0, free, opts.margin, opts.l2), scores, opts.lbfgs_iterations)
-    bar.close()
-    return best_scores, {"rounds": history, "chosen_round": best_round, "unseen_share": round(unseen, 8)}
-
-
-# ---- inputs and outputs ------------------------------------------------------------------------
 
 
 def base_vocabulary(spec: dict, where: str) -> list[str]:
@@ -308,21 +41,10 @@ def base_vocabulary(spec: dict, where: str) -> list[str]:
     return [token for token, _ in by_id]
 
 
-def load_examples(pretokens: Path, include_general: bool) -> Examples:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    try:
-        table = pq.read_table(pretokens, columns=["pretoken", "count", "general_count", "ids"])
-    except (pa.ArrowInvalid, OSError, KeyError) as err:
-        raise UserError(f"{pretokens}: not a pretokens.parquet from the analysis ({err})") from None
-    counts = table.column("count").to_numpy().astype(np.int64)
-    if include_general:
-        counts = counts + table.column("general_count").to_numpy().astype(np.int64)
-    ids = table.column("ids").combine_chunks()
-    offsets = ids.offsets.to_numpy()
-    ex = Examples(table.column("pretoken").to_pylist(), counts, 1.0 + np.log(np.maximum(counts, 1)),
-                  np.diff(offsets).astype(np.int64), ids.values.to_numpy().astype(np.int64)[offsets[0] : offsets[-1]])
+def load_examples(path: Path, include_general: bool) -> Examples:
+    table = read_pretokens(path)
+    counts = table.count + table.general_count if include_general else table.count
+    ex = Examples(table.strings, counts, 1.0 + np.log(np.maximum(counts, 1)), table.lens, table.ids)
     return ex.subset(np.nonzero(counts > 0)[0])
 
 
@@ -331,14 +53,9 @@ def vocabulary_examples(spec: dict, vocab: list[str], skip: set[str], weight: fl
     alphabet = set(byte_to_unicode().values())
     added = {t["content"] for t in spec.get("added_tokens", [])}
     strings = [t for t in vocab if t not in skip and t not in added and set(t) <= alphabet]
-    lens, flat = segment(_segmenter(spec["model"]), joined(strings), len(strings))
+    lens, flat = segment(model_segmenter(spec["model"]), joined(strings), len(strings))
     n = len(strings)
     return Examples(strings, np.zeros(n, np.int64), np.full(n, weight), lens, flat)
-
-
-def concat(a: Examples, b: Examples) -> Examples:
-    return Examples(a.strings + b.strings, np.concatenate([a.counts, b.counts]), np.concatenate([a.weights, b.weights]),
-                    np.concatenate([a.lens, b.lens]), np.concatenate([a.flat, b.flat]))
 
 
 def check_segmentations(spec: dict, ex: Examples, message: str, sample: int = 500) -> None:
@@ -346,16 +63,9 @@ def check_segmentations(spec: dict, ex: Examples, message: str, sample: int = 50
     head = ex.subset(np.arange(min(sample, len(ex.strings))))
     if len(ex.flat) and ex.flat.max() >= len(spec["model"]["vocab"]):
         raise UserError(message)
-    lens, flat = segment(_segmenter(spec["model"]), joined(head.strings), len(head.strings))
+    lens, flat = segment(model_segmenter(spec["model"]), joined(head.strings), len(head.strings))
     if mismatched(head, lens, flat).any():
         raise UserError(message)
-
-
-def split_dev(ex: Examples, opts: FitOptions) -> tuple[np.ndarray, np.ndarray]:
-    """Indices of the fitted and the dev examples: dev is a seeded sample of rare pre-tokens."""
-    rng = np.random.default_rng(opts.seed)
-    dev = (ex.counts > 0) & (ex.counts <= 2) & (rng.random(len(ex.counts)) < opts.dev_fraction)
-    return np.nonzero(~dev)[0], np.nonzero(dev)[0]
 
 
 def unigram_spec(spec: dict, vocab: list[str], scores: np.ndarray) -> dict:
@@ -401,7 +111,7 @@ def distill(tokenizer: str, pretokens: Path, out: Path, opts: FitOptions, trust_
     check_segmentations(spec, corpus, f"{pretokens}: the segmentations are not those of {tokenizer}; "
                         "was it analyzed with another tokenizer?")
     if opts.vocabulary_weight > 0:
-        fit = concat(fit, vocabulary_examples(spec, vocab, set(corpus.strings), opts.vocabulary_weight))
+        fit = fit.concat(vocabulary_examples(spec, vocab, set(corpus.strings), opts.vocabulary_weight))
     log.info("fitting %d pre-tokens (%d from the vocabulary), %d kept out as dev", len(fit.strings),
              int((fit.counts == 0).sum()), len(dev.strings))
     unseen = float((corpus.counts == 1).sum()) / float(corpus.counts.sum())
@@ -442,8 +152,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    if not args.pretokens.is_file():
-        raise UserError(f"{args.pretokens}: pretokens file does not exist")
     opts = FitOptions(args.include_general, args.vocabulary_weight, args.margin, args.l2, args.max_rounds,
                       args.patience, args.lbfgs_iterations, args.dev_fraction, args.seed)
     if opts.margin <= 0 or opts.l2 <= 0 or opts.vocabulary_weight < 0 or not 0 <= opts.dev_fraction < 1:

@@ -11,7 +11,6 @@ Python documentation's HTML into JSON lines of plain text, one document per page
 from __future__ import annotations
 
 import argparse
-import hashlib
 import io
 import json
 import os
@@ -25,21 +24,13 @@ import zipfile
 from html.parser import HTMLParser
 from pathlib import Path
 
-import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from ivr.cli import UserError, atomic_path, log, run_main  # noqa: E402
+from ivr.files import read_yaml, sha256_of  # noqa: E402
 
 DEFAULT_MANIFEST = Path(__file__).resolve().parent.parent / "config" / "assets.yaml"
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _download(url: str, target: Path) -> None:
@@ -205,7 +196,7 @@ def build_gpt2_tokenizer(folder: Path) -> None:
 
 
 def fetch(name: str, dest: Path, manifest: Path = DEFAULT_MANIFEST, cache: Path | None = None) -> None:
-    entries = yaml.safe_load(manifest.read_text())
+    entries = read_yaml(manifest, "asset manifest")
     if name not in entries:
         raise UserError(f"{manifest}: no asset named '{name}' (known: {', '.join(entries)})")
     entry = entries[name]

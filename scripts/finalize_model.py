@@ -16,12 +16,11 @@ import shutil
 import sys
 from pathlib import Path
 
-import yaml
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from fetch_assets import sha256_of  # noqa: E402
 from ivr.cli import UserError, atomic_path, log, run_main  # noqa: E402
+from ivr.files import asset_folder, read_json, sha256_of  # noqa: E402
+from ivr.remap_rules import read_rules  # noqa: E402
 
 
 def failed_gates(validation: dict) -> list[str]:
@@ -92,22 +91,22 @@ def describe_base(base_model: str) -> dict:
     info = {"name": path.name if path.exists() else base_model, "form": "as published"}
     provenance = path / "PROVENANCE.json"
     if provenance.exists():
-        data = json.loads(provenance.read_text())
+        data = read_json(provenance, "model provenance")
         info["form"] = data.get("form", info["form"])
         info["source"] = data.get("source")
         info["name"] = data.get("source", info["name"]).split(".")[0]
     source = path.parent.parent / "assets" / "smollm2_gguf" / "SOURCE.json"
     if source.exists() and "SmolLM2" in info["name"]:
-        info["licence"] = json.loads(source.read_text()).get("licence")
+        info["licence"] = read_json(source, "asset source").get("licence")
     return info
 
 
 def describe_corpus(paths: list[str]) -> str:
     parts = []
     for raw in paths:
-        source = Path(*Path(raw).parts[:3]) / "SOURCE.json" if Path(raw).parts[:2] == ("resources", "assets") else None
-        if source and source.exists():
-            data = json.loads(source.read_text())
+        folder = asset_folder(raw)
+        if folder and (Path(folder) / "SOURCE.json").exists():
+            data = read_json(Path(folder) / "SOURCE.json", "asset source")
             parts.append(f"{data['description']} (licence {data['licence']})")
         else:
             parts.append(raw)
@@ -115,27 +114,10 @@ def describe_corpus(paths: list[str]) -> str:
 
 
 def read_validation(path: Path) -> dict:
-    if not path.is_file():
-        raise UserError(f"{path}: validation report does not exist")
-    try:
-        validation = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise UserError(f"{path}: not a readable validation report ({err})") from None
+    validation = read_json(path, "validation report")
     if not isinstance(validation, dict) or not isinstance(validation.get("gates"), list) or "headline" not in validation:
         raise UserError(f"{path}: not a validation report of validate.py (needs 'gates' and 'headline')")
     return validation
-
-
-def read_rules(path: Path) -> dict:
-    if not path.is_file():
-        raise UserError(f"{path}: remap rules file does not exist")
-    try:
-        rules = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, yaml.YAMLError) as err:
-        raise UserError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
-    if not isinstance(rules, dict) or not isinstance(rules.get("reassignments"), list):
-        raise UserError(f"{path}: needs a 'reassignments' list")
-    return rules
 
 
 def check_model(path: Path) -> None:
@@ -155,7 +137,7 @@ def finalize(args: argparse.Namespace) -> None:
     rules = read_rules(args.rules)
     provenance = {
         "base_model": describe_base(args.base_model),
-        "reassigned": len(rules.get("reassignments", [])),
+        "reassigned": len(rules["reassignments"]),
         "corpus": describe_corpus(config.get("corpus", {}).get("paths", [])),
         "general_corpus": describe_corpus((config.get("general_corpus") or {}).get("paths", [])),
         "config": config,

@@ -15,7 +15,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from ivr.cli import UserError, atomic_path, log, run_main  # noqa: E402
+from ivr.cli import UserError, atomic_path, first_line, log, run_main  # noqa: E402
+from ivr.files import sha256_of  # noqa: E402
 
 
 def convert(gguf: Path, out: Path) -> dict:
@@ -27,13 +28,11 @@ def convert(gguf: Path, out: Path) -> dict:
     with open(gguf, "rb") as handle:
         if handle.read(4) != b"GGUF":
             raise UserError(f"{gguf}: not a GGUF file (bad magic number)")
-    from fetch_assets import sha256_of
-
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
     except Exception as err:  # the GGUF reader raises many kinds on a damaged file
-        raise UserError(f"{gguf}: cannot read the GGUF file ({type(err).__name__}: {_first_line(err)[:200]})") from None
+        raise UserError(f"{gguf}: cannot read the GGUF file ({type(err).__name__}: {first_line(err)[:200]})") from None
     # The loaded weights are plain float32, but the model still carries the GGUF quantizer, which
     # refuses to save: rebuild a clean model from the config and move the weights over.
     config = model.config
@@ -56,11 +55,6 @@ def convert(gguf: Path, out: Path) -> dict:
         (tmp / "PROVENANCE.json").write_text(json.dumps(provenance, indent=2) + "\n")
     log.info("wrote %s (%s, %d parameters)", out, provenance["form"], model.num_parameters())
     return provenance
-
-
-def _first_line(err: Exception) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else "no message"
 
 
 def _quantization(gguf: Path) -> str | None:

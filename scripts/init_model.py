@@ -9,7 +9,6 @@ its rows are the reordered ones, and it generates.
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import sys
 from pathlib import Path
@@ -19,7 +18,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from ivr.cli import UserError, atomic_path, log, run_main  # noqa: E402
-from reorder_embeddings import Reassignment, load_reassignments  # noqa: E402
+from ivr.files import read_json  # noqa: E402
+from ivr.remap_rules import Reassignment, load_reassignments  # noqa: E402
+from ivr.tokenization import load_tokenizer  # noqa: E402
 
 # Files of the model itself, written by save_pretrained; a tokenizer folder must not override them.
 MODEL_FILES = {"config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json", "README.md"}
@@ -78,7 +79,7 @@ def check_folder(
     folder: Path, input_matrix: torch.Tensor, output_matrix: torch.Tensor | None, ids: list[int], trust_remote_code: bool = False
 ) -> str:
     """Reload the written folder, compare its reassigned rows, and generate a few tokens; returns the text."""
-    from ivr.modeling import embedding_matrices, load_causal_lm, load_tokenizer
+    from ivr.modeling import embedding_matrices, load_causal_lm
 
     model = load_causal_lm(folder, trust_remote_code=trust_remote_code)
     tokenizer = load_tokenizer(folder, trust_remote_code=trust_remote_code)
@@ -106,11 +107,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", required=True, type=Path, help="model folder to write")
     args = parser.parse_args(argv)
 
-    from ivr.modeling import embedding_layout, load_causal_lm, load_tokenizer
+    from ivr.modeling import embedding_layout, load_causal_lm
 
     if not args.tokenizer.is_dir():
         raise UserError(f"{args.tokenizer}: remapped tokenizer folder does not exist")
-    meta = json.loads(args.embeddings_meta.read_text(encoding="utf-8"))
+    meta = read_json(args.embeddings_meta, "embeddings metadata")
     reassignments = load_reassignments(args.rules)
     ids = [r.id for r in reassignments]
     if meta.get("ids") != ids:

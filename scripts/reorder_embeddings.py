@@ -12,62 +12,19 @@ import argparse
 import hashlib
 import json
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from fetch_assets import sha256_of  # noqa: E402
 from ivr.cli import UserError, atomic_outputs, log, run_main  # noqa: E402
+from ivr.files import sha256_of  # noqa: E402
+from ivr.remap_rules import KINDS, Reassignment, load_reassignments  # noqa: E402
 
 STRATEGIES = ("subtoken_mean", "weighted", "global_mean", "random", "zeros")
-KINDS = ("ngram", "special", "unused_row")
 TIED_WEIGHTED = ("output", "input", "mean")
 RANDOM_SCALE = 0.1  # noise of the random strategy, in units of each dimension's spread
-
-
-@dataclass(frozen=True)
-class Reassignment:
-    id: int
-    kind: str
-    new_token: str
-    base_ids: tuple[int, ...]
-
-
-def load_reassignments(path: str | Path) -> list[Reassignment]:
-    """The reassignments of a remap_rules.yaml (the fields embeddings need), checked."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: remap rules file does not exist")
-    try:
-        rules = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as err:
-        raise UserError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
-    if not isinstance(rules, dict) or not isinstance(rules.get("reassignments"), list):
-        raise UserError(f"{path}: needs a 'reassignments' list")
-    out: list[Reassignment] = []
-    for n, entry in enumerate(rules["reassignments"]):
-        where = f"{path}: reassignments[{n}]"
-        if not isinstance(entry, dict):
-            raise UserError(f"{where}: must be a mapping")
-        slot, kind, new, base = entry.get("id"), entry.get("kind"), entry.get("new_token"), entry.get("base_ids")
-        if not isinstance(slot, int) or isinstance(slot, bool) or slot < 0:
-            raise UserError(f"{where}: 'id' must be a non-negative integer, got {slot!r}")
-        if kind not in KINDS:
-            raise UserError(f"{where} (id {slot}): 'kind' must be one of {', '.join(KINDS)}, got {kind!r}")
-        if not isinstance(new, str) or not new:
-            raise UserError(f"{where} (id {slot}): 'new_token' must be a non-empty string")
-        if not isinstance(base, list) or not base or not all(isinstance(b, int) and not isinstance(b, bool) and b >= 0 for b in base):
-            raise UserError(f"{where} (id {slot}): 'base_ids' must be a non-empty list of token ids")
-        out.append(Reassignment(slot, kind, new, tuple(base)))
-    ids = [r.id for r in out]
-    if len(set(ids)) != len(ids):
-        dup = sorted({i for i in ids if ids.count(i) > 1})[0]
-        raise UserError(f"{path}: id {dup} is reassigned more than once")
-    return sorted(out, key=lambda r: r.id)
 
 
 def check_ids(reassignments: list[Reassignment], rows: int) -> None:

@@ -1,17 +1,10 @@
 #!/usr/bin/env python3
 """Choose the reassignment: which new tokens to add and which ids they take.
 
-New tokens are pieces of one pre-token (so the segmenter can produce them), found by continuing BPE
-training on the domain's training split: count adjacent token pairs inside pre-tokens (weighted by
-how often each pre-token occurs), merge the pair that saves the most tokens, re-count the pre-tokens
-it touched, repeat. Longer pieces may build on pieces already chosen; a merge that would leave an
-earlier new piece fewer than min_count uses is skipped, so every new token is still produced on the
-training split, often enough for its embedding to be learnt.
-
-The ids they take: embedding rows beyond the tokenizer's ids first, then the tokens the domain and
-the general text use least (ties: latest merged first). Never special tokens, single bytes or
-protected ids; for the bpe backend only tokens no merge builds on. Named special tokens take slots
-on top of the budget. A user rules file replaces the selection; it is checked as strictly.
+New tokens are pieces inside the domain's pre-tokens, found by continuing BPE training on its training
+split; they take unused embedding rows first, then the ids the domain and the general text use least,
+never special, single-byte or protected ones (ivr/selection.py). A user's rules file replaces the
+selection and is checked as strictly.
 
 Writes candidates.tsv (every merged pair in merge order, with counts and savings), remap_rules.yaml
 (the format in docs/DEVELOPING.md) and selection_log.md.
@@ -20,28 +13,22 @@ Writes candidates.tsv (every merged pair in merge order, with counts and savings
 from __future__ import annotations
 
 import argparse
-import csv
-import heapq
 import json
-import re
 import sys
-from collections import defaultdict
-from dataclasses import dataclass, field
 from pathlib import Path
-
-import numpy as np
-import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from ivr.cli import UserError, atomic_outputs, log, run_main  # noqa: E402
-from ivr.remap import CANDIDATE_COLUMNS, Base, load_base  # noqa: E402
-from ivr.tokenization import byte_to_unicode, readable, token_bytes  # noqa: E402
+from ivr.analysis_tables import read_frequencies, read_pretokens  # noqa: E402
+from ivr.base_bpe import Base, load_base  # noqa: E402
+from ivr.candidates import write_candidates  # noqa: E402
+from ivr.cli import UserError, atomic_outputs, first_line, log, run_main  # noqa: E402
+from ivr.continued_bpe import words_of  # noqa: E402
+from ivr.files import read_json  # noqa: E402
+from ivr.remap_rules import dump_rules  # noqa: E402
+from ivr.selection import Special, select, select_from_file  # noqa: E402
 
 BACKENDS = ("unigram", "bpe")
-# What YAML refuses as raw characters, or reads as line breaks, inside a quoted scalar.
-YAML_UNSAFE = re.compile("[^\x09\x0a\x0d\x20-\x7e\xa0-\u2027\u202a-\ud7ff\ue000-\ufefe\uff00-\ufffd\U00010000-\U0010ffff]")
-RULE_KEYS = {"id", "kind", "old_token", "old_readable", "new_token", "new_readable", "base_ids", "frozen"}
 
 
 # ---- the base model -----------------------------------------------------------------------------
@@ -52,17 +39,14 @@ def model_rows(model: str | None, rows: int | None, base: Base, trust_remote_cod
     if rows is None and model:
         path = Path(model) / "config.json"
         if path.is_file():
-            try:
-                config = json.loads(path.read_text(encoding="utf-8"))
-            except (UnicodeDecodeError, json.JSONDecodeError) as err:
-                raise UserError(f"{path}: not a readable model config ({err})") from None
+            config = read_json(path, "model config")
         else:
             from transformers import AutoConfig
 
             try:
                 config = AutoConfig.from_pretrained(model, trust_remote_code=trust_remote_code).to_dict()
             except (OSError, ValueError) as err:
-                raise UserError(f"{model}: cannot read the model config ({str(err).splitlines()[0]})") from None
+                raise UserError(f"{model}: cannot read the model config ({first_line(err)})") from None
         rows = config.get("vocab_size") or config.get("text_config", {}).get("vocab_size")
         if not isinstance(rows, int):
             raise UserError(f"{model}: model config has no vocab_size")
@@ -75,258 +59,7 @@ def model_rows(model: str | None, rows: int | None, base: Base, trust_remote_cod
     return rows
 
 
-# ---- the domain's pre-tokens -------------------------------------------------------------------
-
-
-@dataclass
-class Words:
-    """Distinct pre-tokens as base-token sequences, with their domain and general-text counts."""
-
-    seqs: list[list[int]]
-    count: list[int]
-    general: list[int]
-    domain_tokens: int  # base tokens of the whole domain training split
-    domain_bytes: int
-    general_tokens: int
-    general_bytes: int
-
-
-def load_words(path: Path) -> Words:
-    import pyarrow.parquet as pq
-
-    try:
-        table = pq.read_table(path, columns=["pretoken", "count", "general_count", "ids"])
-    except Exception as err:  # pyarrow raises several kinds for a missing column or a damaged file
-        raise UserError(f"{path}: not a pretokens table from the analysis ({str(err).splitlines()[0]})") from None
-    ids = table.column("ids").combine_chunks()
-    offsets = ids.offsets.to_numpy()
-    values = ids.values.to_numpy().astype(np.int64)
-    count = table.column("count").to_numpy()
-    general = table.column("general_count").to_numpy()
-    lengths = np.diff(offsets)
-    nbytes = np.fromiter((len(token_bytes(p)) for p in table.column("pretoken").to_pylist()), dtype=np.int64, count=len(count))
-    keep = np.nonzero(lengths > 1)[0]  # a one-token pre-token has no pair to merge
-    seqs = [values[offsets[i] : offsets[i + 1]].tolist() for i in keep]
-    return Words(
-        seqs=seqs,
-        count=count[keep].tolist(),
-        general=general[keep].tolist(),
-        domain_tokens=int((lengths * count).sum()),
-        domain_bytes=int((nbytes * count).sum()),
-        general_tokens=int((lengths * general).sum()),
-        general_bytes=int((nbytes * general).sum()),
-    )
-
-
-def without(words: Words, removed: set[int], base: Base) -> Words:
-    """The words with removed ids split into the parts their merges join (as the remapped tokenizer does)."""
-    if not removed:
-        return words
-
-    def expand(token_id: int) -> list[int]:
-        if token_id not in removed:
-            return [token_id]
-        left, right = base.parts[token_id]
-        return expand(left) + expand(right)
-
-    seqs = [[i for t in seq for i in expand(t)] if removed.intersection(seq) else seq for seq in words.seqs]
-    return Words(seqs, words.count, words.general, words.domain_tokens, words.domain_bytes, words.general_tokens, words.general_bytes)
-
-
-# ---- continued BPE training ------------------------------------------------------------------------
-
-
-@dataclass
-class Merge:
-    left: int
-    right: int
-    new: int  # internal id of the merged piece (>= the base tokenizer's ids)
-    string: str
-    count: int  # domain tokens this merge saved on the training split
-    general_count: int  # general-text tokens it saved
-    pretokens: int  # distinct pre-tokens it applied in
-    final_count: int = 0  # occurrences of the piece left after all merges
-
-
-@dataclass
-class Training:
-    merges: list[Merge]
-    strings: list[str | None]  # token string of every base id and new piece
-    stop: str  # why the loop ended
-    skipped_existing: int = 0  # best pairs whose string the vocabulary already has
-    skipped_consuming: int = 0  # best pairs that would have left an earlier new piece (almost) unused
-
-
-def continue_bpe(
-    words: Words,
-    strings: list[str | None],
-    budget: int,
-    min_count: int,
-    taken: set[str],
-    only: set[str] | None = None,
-    keep: int = 1,
-    blocked: set[int] = frozenset(),
-) -> Training:
-    """Greedy pair merging inside pre-tokens, as BPE training would continue on the domain.
-
-    strings: token string of every base id; taken: strings that may not become new pieces (the
-    base vocabulary); only: if given, merge only into these strings (a user's rules file);
-    keep: skip a merge that would leave an earlier new piece fewer uses than this (0: never skip);
-    blocked: ids no merge may use (digits, when the base keeps every digit a token of its own).
-    """
-    seqs, count, general = [list(s) for s in words.seqs], words.count, words.general
-    strings = list(strings)
-    # Pairs are keyed as one int (left << 32 | right): much faster dict keys than tuples.
-    pair_count: dict[int, int] = defaultdict(int)
-    pair_general: dict[int, int] = defaultdict(int)
-    where: dict[int, set[int]] = defaultdict(set)  # may keep words that lost the pair; they are skipped
-    for w, seq in enumerate(seqs):
-        c, g = count[w], general[w]
-        for left, right in zip(seq, seq[1:]):
-            key = left << 32 | right
-            pair_count[key] += c
-            pair_general[key] += g
-            where[key].add(w)
-    heap = [(-c, key) for key, c in pair_count.items() if c >= min_count]
-    heapq.heapify(heap)
-    live: dict[int, int] = {}  # occurrences left of each new piece
-    made = set(taken)
-    training = Training([], strings, "budget reached")
-    while len(training.merges) < budget:
-        if not heap:
-            training.stop = f"no pair left with count >= {min_count}"
-            break
-        negative, key = heapq.heappop(heap)
-        if -negative != pair_count.get(key, 0):
-            continue  # stale entry; the current count was pushed when it changed
-        left, right = key >> 32, key & 0xFFFFFFFF
-        if left in blocked or right in blocked:
-            continue
-        string = strings[left] + strings[right]
-        if string in made or (only is not None and string not in only):
-            training.skipped_existing += string in made
-            continue
-        uses = (2 if left == right else 1) * -negative  # an upper bound: overlapping pairs count twice
-        if keep and any(live[t] - uses < keep for t in {left, right} if t in live):
-            training.skipped_consuming += 1
-            continue
-        new = len(strings)
-        strings.append(string)
-        made.add(string)
-        delta: dict[int, int] = defaultdict(int)
-        delta_general: dict[int, int] = defaultdict(int)
-        saved = saved_general = applied = 0
-        for w in where.pop(key):
-            seq, c, g = seqs[w], count[w], general[w]
-            i, hits = 0, 0
-            try:
-                while True:
-                    i = seq.index(left, i)  # the scan runs in C; most visited words hold the pair once
-                    if i + 1 < len(seq) and seq[i + 1] == right:
-                        # Only the pairs around the merged one change; seq[i - 1] is already current.
-                        # Most pre-tokens occur in only one of the two texts: skip the zero updates.
-                        if i:
-                            gone, made_pair = seq[i - 1] << 32 | left, seq[i - 1] << 32 | new
-                            if c:
-                                delta[gone] -= c
-                                delta[made_pair] += c
-                            if g:
-                                delta_general[gone] -= g
-                                delta_general[made_pair] += g
-                            where[made_pair].add(w)
-                        if i + 2 < len(seq):
-                            gone, made_pair = right << 32 | seq[i + 2], new << 32 | seq[i + 2]
-                            if c:
-                                delta[gone] -= c
-                                delta[made_pair] += c
-                            if g:
-                                delta_general[gone] -= g
-                                delta_general[made_pair] += g
-                            where[made_pair].add(w)
-                        seq[i : i + 2] = [new]
-                        hits += 1
-                    i += 1
-            except ValueError:
-                pass
-            if hits:
-                saved += hits * c
-                saved_general += hits * g
-                applied += 1
-        pair_count.pop(key, None)
-        pair_general.pop(key, None)
-        delta.pop(key, None)
-        delta_general.pop(key, None)
-        for k, dg in delta_general.items():
-            if dg:
-                pair_general[k] += dg
-        for k, dc in delta.items():
-            if dc:
-                total = pair_count[k] + dc
-                pair_count[k] = total
-                if total >= min_count:
-                    heapq.heappush(heap, (-total, k))
-        live[new] = saved
-        for t in (left, right):
-            if t in live:
-                live[t] -= saved
-        training.merges.append(Merge(left, right, new, string, saved, saved_general, applied))
-    for merge in training.merges:
-        merge.final_count = live[merge.new]
-    return training
-
-
-def digit_ids(base: Base, policy: str) -> set[int]:
-    """Tokens holding a digit, when new pieces must not join digits (auto: as the base never does)."""
-    has_digit = [i for i, t in enumerate(base.tokens) if t and i not in base.special and any(48 <= b <= 57 for b in token_bytes(t))]
-    if policy == "merge" or (policy == "auto" and any(len(base.tokens[i]) > 1 for i in has_digit)):
-        return set()
-    return set(has_digit)
-
-
-# ---- sacrificed ids ---------------------------------------------------------------------------------
-
-
-def rank_sacrifices(
-    base: Base,
-    domain_count: np.ndarray,
-    general_count: np.ndarray,
-    protected: set[int],
-    backend: str,
-    max_domain_count: int,
-) -> list[int]:
-    """Ids that may give up their slot, cheapest first.
-
-    Cost: the share of domain tokens plus the share of general-text tokens the id accounts for
-    (each occurrence costs about one token once the id is gone); ties go to the latest merge, as
-    BPE merges late what its training text needed least.
-    """
-    domain_total = max(int(domain_count.sum()), 1)
-    general_total = max(int(general_count.sum()), 1)
-    rows = []
-    for token_id, token in enumerate(base.tokens):
-        if token is None or token_id in base.special or token_id in protected or base.single_byte(token_id):
-            continue
-        if backend == "bpe" and token_id in base.built_on:
-            continue
-        domain = int(domain_count[token_id]) if token_id < len(domain_count) else 0
-        if domain > max_domain_count:
-            continue
-        general = int(general_count[token_id]) if token_id < len(general_count) else 0
-        cost = domain / domain_total + general / general_total
-        rank = base.merge_rank.get(token_id, len(base.merge_rank))  # never built by a merge: never produced
-        rows.append((cost, -rank, -token_id))
-    rows.sort()
-    return [-row[2] for row in rows]
-
-
 # ---- named special tokens ---------------------------------------------------------------------------
-
-
-@dataclass
-class Special:
-    token: str
-    init_text: str
-    frozen: bool = False
 
 
 def parse_specials(raw: str | None, base: Base) -> list[Special]:
@@ -357,352 +90,6 @@ def parse_specials(raw: str | None, base: Base) -> list[Special]:
         seen.add(token)
         out.append(Special(token, init_text, frozen))
     return out
-
-
-# ---- the rules ------------------------------------------------------------------------------------
-
-
-def piece_segmentation(base: Base, piece: str) -> list[int]:
-    """Base ids of a byte-level piece (the model alone: a piece lies inside one pre-token)."""
-    return [t.id for t in base.tok.model.tokenize(piece)]
-
-
-def text_segmentation(base: Base, text: str) -> list[int]:
-    return base.tok.encode(text, add_special_tokens=False).ids
-
-
-def slot_kind(base: Base, slot: int) -> str:
-    return "unused_row" if slot >= base.n_ids else "ngram"
-
-
-def make_rule(base: Base, slot: int, kind: str, new_token: str, base_ids: list[int], frozen: bool) -> dict:
-    old = base.tokens[slot] if slot < base.n_ids else None
-    return {
-        "id": slot,
-        "kind": kind,
-        "old_token": old,
-        "old_readable": None if old is None else readable(old),
-        "new_token": new_token,
-        "new_readable": new_token if kind == "special" else readable(new_token),
-        "base_ids": base_ids,
-        "frozen": frozen,
-    }
-
-
-def yaml_string(value: str | None) -> str:
-    """A YAML double-quoted scalar (JSON's escapes, plus the characters YAML may not hold raw)."""
-    if value is None:
-        return "null"
-    text = json.dumps(value, ensure_ascii=False)
-    return YAML_UNSAFE.sub(lambda m: "\\u%04x" % ord(m.group()) if ord(m.group()) < 0x10000 else "\\U%08x" % ord(m.group()), text)
-
-
-def dump_rules(rules: list[dict], base_tokenizer: str, backend: str, header: str) -> str:
-    """The rules as YAML, written by hand: fast for 10k+ entries, one stable layout."""
-    lines = [f"# {line}" for line in header.splitlines()]
-    lines += ["version: 1", f"base_tokenizer: {yaml_string(base_tokenizer)}", f"backend: {backend}", "reassignments:"]
-    for r in sorted(rules, key=lambda r: r["id"]):
-        lines += [
-            f"  - id: {r['id']}",
-            f"    kind: {r['kind']}",
-            f"    old_token: {yaml_string(r['old_token'])}",
-            f"    old_readable: {yaml_string(r['old_readable'])}",
-            f"    new_token: {yaml_string(r['new_token'])}",
-            f"    new_readable: {yaml_string(r['new_readable'])}",
-            f"    base_ids: [{', '.join(map(str, r['base_ids']))}]",
-            f"    frozen: {str(r['frozen']).lower()}",
-        ]
-    if not rules:
-        lines[-1] = "reassignments: []"
-    return "\n".join(lines) + "\n"
-
-
-# ---- a user's rules file ----------------------------------------------------------------------------
-
-
-def read_rules_file(path: Path, base: Base, rows: int, protected: set[int], backend: str) -> list[dict]:
-    """The user's reassignments, checked as strictly as our own: UserError naming the entry otherwise."""
-    if not path.is_file():
-        raise UserError(f"{path}: rules file does not exist")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as err:
-        first = str(err).replace("\n", " ")
-        raise UserError(f"{path}: not valid YAML ({first})") from None
-    if not isinstance(data, dict) or not isinstance(data.get("reassignments"), list):
-        raise UserError(f"{path}: expected a mapping with a 'reassignments' list (see docs/DEVELOPING.md)")
-    unknown = set(data) - {"version", "base_tokenizer", "backend", "reassignments"}
-    if unknown:
-        raise UserError(f"{path}: unknown top-level key '{sorted(unknown)[0]}'")
-    if data.get("version", 1) != 1:
-        raise UserError(f"{path}: version {data['version']!r} is not supported (expected 1)")
-    if data.get("backend", backend) != backend:
-        raise UserError(f"{path}: written for backend '{data['backend']}' but ivr.backend is '{backend}'")
-    alphabet = set(byte_to_unicode().values())
-    seen_ids: dict[int, int] = {}
-    seen_tokens: dict[str, int] = {}
-    rules = []
-    for n, entry in enumerate(data["reassignments"]):
-        where = f"{path}: reassignments[{n}]"
-        if not isinstance(entry, dict):
-            raise UserError(f"{where}: expected a mapping")
-        extra = set(entry) - RULE_KEYS
-        if extra:
-            raise UserError(f"{where}: unknown key '{sorted(extra)[0]}'")
-        slot = entry.get("id")
-        if not isinstance(slot, int) or isinstance(slot, bool) or not 0 <= slot < rows:
-            raise UserError(f"{where}: id must be an integer from 0 to {rows - 1}, not {slot!r}")
-        where = f"{path}: reassignments[{n}] (id {slot})"
-        if slot in seen_ids:
-            raise UserError(f"{where}: id {slot} is named twice (also in reassignments[{seen_ids[slot]}])")
-        seen_ids[slot] = n
-        old = base.tokens[slot] if slot < base.n_ids else None
-        if slot in base.special:
-            raise UserError(f"{where}: id {slot} is the special token '{old}' and cannot be reassigned")
-        if slot in protected:
-            raise UserError(f"{where}: id {slot} ('{readable(old) if old else 'unused row'}') is protected in ivr.protected_ids")
-        if slot < base.n_ids and base.single_byte(slot):
-            raise UserError(f"{where}: id {slot} is the single-byte token '{old}' and cannot be reassigned")
-        if old is None and slot < base.n_ids:
-            raise UserError(f"{where}: id {slot} is not a token of the base tokenizer")
-        if backend == "bpe" and slot in base.built_on:
-            raise UserError(f"{where}: id {slot} ('{readable(old)}') is a part of other merges; the bpe backend can only reassign tokens no merge builds on")
-        if "old_token" in entry and entry["old_token"] != old:
-            raise UserError(f"{where}: old_token {entry['old_token']!r} does not match the base tokenizer's {old!r}")
-        kind = entry.get("kind", "ngram")
-        if kind not in ("ngram", "special", "unused_row"):
-            raise UserError(f"{where}: kind must be ngram, special or unused_row, not {kind!r}")
-        if kind != "special":
-            expected_kind = slot_kind(base, slot)
-            if kind != expected_kind:
-                raise UserError(f"{where}: kind {kind} does not fit the slot (expected {expected_kind})")
-        new = entry.get("new_token")
-        if not isinstance(new, str) or not new:
-            raise UserError(f"{where}: new_token must be a non-empty string")
-        if kind != "special" and not set(new) <= alphabet:
-            raise UserError(f"{where}: new_token {new!r} is not a byte-level string (write bytes as the base vocabulary does, e.g. 'Ġ' for a space)")
-        if new in base.ids:
-            raise UserError(f"{where}: new_token {new!r} is already token {base.ids[new]} of the base tokenizer")
-        if new in seen_tokens:
-            raise UserError(f"{where}: new_token {new!r} is named twice (also in reassignments[{seen_tokens[new]}])")
-        seen_tokens[new] = n
-        frozen = entry.get("frozen", False)
-        if not isinstance(frozen, bool):
-            raise UserError(f"{where}: frozen must be true or false")
-        if kind == "special":
-            base_ids = entry.get("base_ids")
-            if not (isinstance(base_ids, list) and base_ids and all(isinstance(i, int) and 0 <= i < base.n_ids for i in base_ids)):
-                raise UserError(f"{where}: a special token needs base_ids, the base ids its rows start from")
-        else:
-            base_ids = piece_segmentation(base, new)
-            if "base_ids" in entry and entry["base_ids"] != base_ids:
-                raise UserError(f"{where}: base_ids {entry['base_ids']} are not the base segmentation {base_ids} of {new!r}")
-        rule = make_rule(base, slot, kind, new, base_ids, frozen)
-        for key in ("old_readable", "new_readable"):
-            if key in entry and entry[key] != rule[key]:
-                raise UserError(f"{where}: {key} {entry[key]!r} does not match {rule[key]!r}")
-        rules.append(rule)
-    return rules
-
-
-# ---- outputs --------------------------------------------------------------------------------------
-
-
-def candidate_rows(training: Training, slot_of: dict[int, int], words: Words) -> list[list]:
-    rows, cumulative, strings = [], 0, training.strings
-    for rank, m in enumerate(training.merges, start=1):
-        cumulative += m.count
-        rows.append([
-            rank, slot_of[m.new], strings[m.left], strings[m.right],
-            m.string, readable(m.string), m.count, m.general_count, m.pretokens, m.final_count,
-            f"{m.count / max(words.domain_tokens, 1):.6f}", f"{cumulative / max(words.domain_tokens, 1):.6f}",
-        ])
-    return rows
-
-
-def write_tsv(path: Path, rows: list[list]) -> None:
-    with open(path, "w", encoding="utf-8", newline="") as handle:
-        writer = csv.writer(handle, delimiter="\t", lineterminator="\n")
-        writer.writerow(CANDIDATE_COLUMNS)
-        writer.writerows(rows)
-
-
-@dataclass
-class Selection:
-    rules: list[dict]
-    candidates: list[list]
-    log_lines: list[str] = field(default_factory=list)
-
-
-def select(
-    base: Base,
-    words: Words,
-    frequencies: tuple[np.ndarray, np.ndarray],
-    rows: int,
-    backend: str,
-    n_reassign: int,
-    min_count: int,
-    max_domain_count: int,
-    protected: set[int],
-    specials: list[Special],
-    digits: str = "auto",
-) -> Selection:
-    """Our own selection: new pieces by continued BPE, slots for them and for the special tokens."""
-    unused_rows = list(range(base.n_ids, rows))
-    order = [i for i in rank_sacrifices(base, *frequencies, protected, backend, max_domain_count) if i < rows]
-    if n_reassign + len(specials) > len(unused_rows) + len(order):
-        raise UserError(
-            f"ivr.n_reassign = {n_reassign} plus {len(specials)} special tokens needs more ids than the "
-            f"{len(unused_rows) + len(order)} that may be reassigned under the thresholds; lower ivr.n_reassign"
-        )
-    sacrificed = order[: max(n_reassign + len(specials) - len(unused_rows), 0)]
-    taken = set(base.ids) | {s.token for s in specials}
-    blocked = digit_ids(base, digits)
-    # Sacrificed ids are split into their parts in the domain's segmentation. If the merges come short
-    # of the budget fewer ids are needed; when that spares an id the domain uses, select again.
-    budget = n_reassign
-    for _ in range(4):
-        training = continue_bpe(
-            without(words, set(sacrificed), base), base.tokens, budget, min_count, taken, keep=min_count, blocked=blocked
-        )
-        needed = max(len(training.merges) + len(specials) - len(unused_rows), 0)
-        spared, sacrificed = sacrificed[needed:], sacrificed[:needed]
-        if not any(frequencies[0][t] > 0 for t in spared):
-            break
-        budget = len(training.merges)
-    slots = unused_rows + sacrificed
-    rules: list[dict] = []
-    for special, slot in zip(specials, slots):
-        rules.append(make_rule(base, slot, "special", special.token, text_segmentation(base, special.init_text), special.frozen))
-    slot_of = {}
-    for merge, slot in zip(training.merges, slots[len(specials) :]):
-        slot_of[merge.new] = slot
-        rules.append(make_rule(base, slot, slot_kind(base, slot), merge.string, piece_segmentation(base, merge.string), False))
-    selection = Selection(rules, candidate_rows(training, slot_of, words))
-    selection.log_lines = selection_report(base, words, frequencies, training, rules, backend, n_reassign, min_count, protected)
-    selection.log_lines.insert(5, f"- digits: {'kept apart, as in the base vocabulary' if blocked else 'may be joined'}")
-    return selection
-
-
-def select_from_file(
-    path: Path, base: Base, words: Words, frequencies: tuple[np.ndarray, np.ndarray], rows: int, backend: str,
-    protected: set[int], min_count: int,
-) -> Selection:
-    """A user's rules: checked, completed, and given a merge order by continued BPE limited to them.
-
-    With selection's own guard (keep every piece min_count uses) this replays the merge order of a
-    rules file selection wrote; a hand-written file may need the guard off to build all its tokens.
-    """
-    rules = read_rules_file(path, base, rows, protected, backend)
-    wanted = {r["new_token"]: r for r in rules if r["kind"] != "special"}
-    removed = {r["id"] for r in rules if r["id"] < base.n_ids}
-    split = without(words, removed, base)
-    for keep in (min_count, 0):
-        training = continue_bpe(split, base.tokens, len(wanted), 1, set(base.ids), only=set(wanted), keep=keep)
-        missing = sorted(set(wanted) - {m.string for m in training.merges}, key=lambda s: wanted[s]["id"])
-        if not missing:
-            break
-    if missing:
-        first = wanted[missing[0]]
-        raise UserError(
-            f"{path}: new token {first['new_token']!r} (id {first['id']}, '{first['new_readable']}') cannot be built by "
-            f"merging pieces inside pre-tokens of the training split ({len(missing)} such tokens)"
-        )
-    unused = [m.string for m in training.merges if m.final_count == 0]
-    if unused:
-        log.warning("%d new tokens of %s are never produced on the training split, e.g. %r", len(unused), path, unused[0])
-    slot_of = {m.new: wanted[m.string]["id"] for m in training.merges}
-    selection = Selection(rules, candidate_rows(training, slot_of, words))
-    selection.log_lines = selection_report(base, words, frequencies, training, rules, backend, len(wanted), 1, protected, source=str(path))
-    return selection
-
-
-def selection_report(
-    base: Base,
-    words: Words,
-    frequencies: tuple[np.ndarray, np.ndarray],
-    training: Training,
-    rules: list[dict],
-    backend: str,
-    n_reassign: int,
-    min_count: int,
-    protected: set[int],
-    source: str | None = None,
-) -> list[str]:
-    saved = sum(m.count for m in training.merges)
-    saved_general = sum(m.general_count for m in training.merges)
-    kinds = defaultdict(int)
-    for r in rules:
-        kinds[r["kind"]] += 1
-    sacrificed = [r["id"] for r in rules if r["old_token"] is not None]
-    domain, general = frequencies
-    lines = [
-        "# Selection",
-        "",
-        f"- source: {'rules file ' + source if source else 'continued BPE on the domain training split'}",
-        f"- backend: {backend}; budget (ivr.n_reassign): {n_reassign}; min pair count: {min_count}; protected ids: {len(protected)}",
-        f"- new pieces: {len(training.merges)} (stopped: {training.stop}); special tokens: {kinds['special']}",
-        f"- slots: {kinds['unused_row']} unused embedding rows, {len(sacrificed)} sacrificed tokens",
-        f"- pairs skipped: {training.skipped_existing} already in the vocabulary, "
-        f"{training.skipped_consuming} would have used up an earlier new piece",
-        f"- least uses of a new piece on the training split after all merges: {min((m.final_count for m in training.merges), default=0)}",
-        "",
-        "## Expected effect on the training splits",
-        "",
-        "| split | base tokens/byte | remapped tokens/byte | change |",
-        "|---|---|---|---|",
-    ]
-    sac_domain = int(sum(domain[i] for i in sacrificed if i < len(domain)))
-    sac_general = int(sum(general[i] for i in sacrificed if i < len(general)))
-    for name, tokens, nbytes, gain, loss in (
-        ("domain train", words.domain_tokens, words.domain_bytes, saved, sac_domain),
-        ("general train", words.general_tokens, words.general_bytes, saved_general, sac_general),
-    ):
-        if nbytes:
-            after = tokens - gain + loss
-            lines.append(f"| {name} | {tokens / nbytes:.4f} | {after / nbytes:.4f} | {100 * (after / tokens - 1):+.2f} % |")
-    lines += [
-        "",
-        f"Sacrificed tokens occur {sac_domain} times in the domain and {sac_general} times in the general text "
-        "(each occurrence costs about one token).",
-        "",
-        "## Largest savings",
-        "",
-        "| rank | id | new | count | replaces |",
-        "|---|---|---|---|---|",
-    ]
-    by_token = {r["new_token"]: r for r in rules}
-    for rank, m in enumerate(training.merges[:15], start=1):
-        r = by_token[m.string]
-        old = "unused row" if r["old_token"] is None else f"`{quoted(r['old_readable'])}`"
-        lines.append(f"| {rank} | {r['id']} | `{quoted(r['new_readable'])}` | {m.count} | {old} |")
-    if kinds["special"]:
-        lines += ["", "## Special tokens", ""]
-        for r in rules:
-            if r["kind"] == "special":
-                was = "an unused row" if r["old_token"] is None else f"`{quoted(r['old_readable'])}`"
-                lines.append(f"- `{r['new_token']}` at id {r['id']} (was {was}), init from {len(r['base_ids'])} base tokens, frozen: {str(r['frozen']).lower()}")
-    return lines
-
-
-def quoted(text: str) -> str:
-    return json.dumps(text, ensure_ascii=False).replace("|", "\\|")
-
-
-def load_frequencies(path: Path, n_ids: int) -> tuple[np.ndarray, np.ndarray]:
-    import pyarrow.parquet as pq
-
-    try:
-        table = pq.read_table(path, columns=["id", "count", "general_count"])
-    except Exception as err:  # pyarrow raises several kinds for a missing column or a damaged file
-        raise UserError(f"{path}: not a token frequency table from the analysis ({str(err).splitlines()[0]})") from None
-    ids = table.column("id").to_numpy()
-    if len(ids) and ids.max() >= n_ids:
-        raise UserError(f"{path}: has ids up to {ids.max()} but the base tokenizer only {n_ids}; was it made with another tokenizer?")
-    domain, general = np.zeros(n_ids, np.int64), np.zeros(n_ids, np.int64)
-    domain[ids] = table.column("count").to_numpy()
-    general[ids] = table.column("general_count").to_numpy()
-    return domain, general
 
 
 def parse_ids(raw: str) -> set[int]:
@@ -746,11 +133,8 @@ def main(argv: list[str] | None = None) -> None:
     if bad:
         raise UserError(f"ivr.protected_ids: id {bad[0]} is not a row of the model (0 to {rows - 1})")
     specials = parse_specials(args.special_tokens, base)
-    for path in (args.pretokens, args.frequencies):
-        if not path.exists():
-            raise UserError(f"{path}: analysis output does not exist")
-    words = load_words(args.pretokens)
-    frequencies = load_frequencies(args.frequencies, base.n_ids)
+    words = words_of(read_pretokens(args.pretokens))
+    frequencies = read_frequencies(args.frequencies, base.n_ids)
     log.info("%d pre-tokens of two or more tokens; %d domain tokens", len(words.seqs), words.domain_tokens)
     if args.rules_file:
         if specials:
@@ -767,7 +151,7 @@ def main(argv: list[str] | None = None) -> None:
             f"(budget {args.n_reassign}, min count {args.min_count}), {len(selection.rules) - len(selection.candidates)} special tokens."
         )
     with atomic_outputs(args.candidates_out, args.rules_out, args.log_out) as (candidates, rules, report):
-        write_tsv(candidates, selection.candidates)
+        write_candidates(candidates, selection.candidates)
         rules.write_text(dump_rules(selection.rules, args.tokenizer, args.backend, header), encoding="utf-8")
         report.write_text("\n".join(selection.log_lines) + "\n", encoding="utf-8")
     log.info("%d reassignments written to %s", len(selection.rules), args.rules_out)

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,8 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 from tokenizers import Tokenizer
 
-from analyze_corpus import _SPACE_IN_WHITESPACE, analyze
-from conftest import ROOT
+from ivr.analysis import _SPACE_IN_WHITESPACE, analyze
 
 QWEN_STYLE_SPLIT = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
@@ -97,30 +94,18 @@ def test_other_byte_level_pretokenizers(tmp_path, splits, gpt2_tokenizer_dir, va
 
 
 def test_outputs_are_byte_identical_between_runs(tmp_path, splits, gpt2_tokenizer_dir):
-    for run in ("a", "b"):
+    """Whatever the chunk size and the helper's threads."""
+    for run, threads, chunk_bytes in (("a", 1, 10_000), ("b", 3, 50_000)):
         (tmp_path / run).mkdir()
-        analyze(str(gpt2_tokenizer_dir), splits, tmp_path / run, threads=2, chunk_bytes=10_000 if run == "a" else 50_000)
+        analyze(str(gpt2_tokenizer_dir), splits, tmp_path / run, threads=threads, chunk_bytes=chunk_bytes)
     for name in ("train_ids.bin", "train_offsets.npy", "token_frequencies.parquet", "pretokens.parquet", "corpus_stats.json"):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
 
 
-def test_sentencepiece_style_tokenizer_is_refused(tmp_path, splits, gpt2_tokenizer_dir):
-    spec = json.loads((gpt2_tokenizer_dir / "tokenizer.json").read_text())
-    spec["pre_tokenizer"] = {"type": "Metaspace", "replacement": "▁", "prepend_scheme": "always", "split": False}
-    spec["model"]["byte_fallback"] = True
-    path = tmp_path / "sp" / "tokenizer.json"
-    path.parent.mkdir()
-    path.write_text(json.dumps(spec))
-    out = tmp_path / "out"
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "analyze_corpus.py"), "--tokenizer", str(path),
-         "--train", str(splits["train"]), "--heldout", str(splits["heldout"]), "--out-dir", str(out)],
-        capture_output=True, text=True,
-    )
-    assert result.returncode == 2
-    assert result.stderr.count("\n") == 1 and "not a byte-level BPE tokenizer" in result.stderr
-    assert "SentencePiece" in result.stderr
-    assert not out.exists() or not any(out.iterdir())
+def test_a_chunk_that_brings_a_single_new_word(tmp_path, gpt2_tokenizer_dir):
+    """Split over threads, one new word must not leave a thread an empty share (it once crashed here)."""
+    splits = {"train": write_split(tmp_path / "train.jsonl", ["a b"]), "heldout": write_split(tmp_path / "heldout.jsonl", ["c"])}
+    check_against_encode(gpt2_tokenizer_dir / "tokenizer.json", splits, tmp_path / "out")
 
 
 @pytest.mark.parametrize("pattern", ["gpt2", "llama3", "qwen2"])
@@ -187,7 +172,7 @@ def test_documents_cut_in_python_are_found_by_the_re2_test():
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    from analyze_corpus import _SPACE_IN_WHITESPACE_RE2
+    from ivr.analysis import _SPACE_IN_WHITESPACE_RE2
 
     spaces = [chr(c) for c in range(0x110000) if chr(c).isspace()]
     alphabet = spaces + [" "] * 8 + ["a", "법", "1", ".", "\u200b", "\x1b"]
@@ -201,14 +186,15 @@ def test_documents_cut_in_python_are_found_by_the_re2_test():
 def test_string_numbering_stays_exact_when_hashes_collide(monkeypatch):
     """Strings are looked up by a 64-bit hash checked against the string; with every hash equal
     (the worst case), each distinct string still gets one number, the same on every later sight."""
-    import analyze_corpus
     import pyarrow as pa
 
+    from ivr import string_numbering
+
     batches = [["a", "b", "a", "법률"], ["b", "c", "법률", ""], ["", "d", "a"]]
-    for hashing in (analyze_corpus.hash_strings, lambda texts: np.zeros(len(texts), np.uint64)):
-        monkeypatch.setattr(analyze_corpus, "hash_strings", hashing)
+    for hashing in (string_numbering.hash_strings, lambda texts: np.zeros(len(texts), np.uint64)):
+        monkeypatch.setattr(string_numbering, "hash_strings", hashing)
         noted: list = []
-        numbering = analyze_corpus.StringNumbering("k", noted, [0])
+        numbering = string_numbering.StringNumbering("k", noted, [0])
         numbers = [numbering.number(pa.array(batch, pa.string())).tolist() for batch in batches]
         new = [prefix + text for prefix, texts in noted for text in texts.to_pylist()]
         seen = list(dict.fromkeys(s for batch in batches for s in batch))

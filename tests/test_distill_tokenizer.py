@@ -12,8 +12,9 @@ import pytest
 from tokenizers import Tokenizer
 
 from conftest import ROOT
-from distill_tokenizer import FitOptions, distill, unigram_spec
+from distill_tokenizer import distill
 from ivr.fidelity import measure_fidelity, read_texts
+from ivr.unigram_fit import FitOptions
 
 FIT = FitOptions(max_rounds=6)
 
@@ -91,53 +92,6 @@ def test_output_is_byte_identical_between_runs(tmp_path, gpt2_bills_analysis):
     assert names == ["distillation.json", "tokenizer.json", "tokenizer_config.json"]
     for name in names:
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
-
-
-def test_pretoken_agreement_counts_each_pretoken(gpt2_tokenizer_dir, korean_texts, english_texts):
-    """measure_fidelity against a direct count: pre-tokenize, segment each piece with both models."""
-    spec = json.loads((gpt2_tokenizer_dir / "tokenizer.json").read_text())
-    vocab = sorted(spec["model"]["vocab"], key=spec["model"]["vocab"].get)
-    base = Tokenizer.from_str(json.dumps(spec))
-    crude = Tokenizer.from_str(json.dumps(unigram_spec(spec, vocab, -np.array([len(t) ** 0.5 for t in vocab]))))
-    docs = korean_texts[:10] + english_texts[:3] + ["a<|endoftext|>b  c\n\n"]
-    same = total = 0
-    for doc in docs:
-        for part in doc.split("<|endoftext|>"):
-            for piece, _ in base.pre_tokenizer.pre_tokenize_str(part):
-                total += 1
-                same += [t.id for t in base.model.tokenize(piece)] == [t.id for t in crude.model.tokenize(piece)]
-        total += doc.count("<|endoftext|>")
-        same += doc.count("<|endoftext|>")
-    result = measure_fidelity(base, crude, docs, batch_size=4)
-    assert result["pretokens"] == total and result["pretokens_identical"] == same
-    assert 0.3 < result["pretoken_agreement"] < 0.99
-    assert result["documents"] == len(docs) and result["decode_roundtrip"] == 1.0
-
-
-def test_fidelity_cli(tmp_path, distilled, gpt2_tokenizer_dir, gpt2_bills_analysis, korean_texts):
-    lines = tmp_path / "korean.txt"
-    lines.write_text("\n".join(t.replace("\n", " ") for t in korean_texts[:30]) + "\n", encoding="utf-8")
-    out = tmp_path / "fidelity.json"
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "tokenizer_fidelity.py"), "--reference", str(gpt2_tokenizer_dir),
-         "--candidate", str(distilled / "tokenizer.json"), "--text", str(gpt2_bills_analysis["heldout"]), str(lines),
-         "--out", str(out)],
-        capture_output=True, text=True, check=True,
-    )
-    report = json.loads(result.stdout)
-    assert report == json.loads(out.read_text())
-    assert set(report["files"]) == {str(gpt2_bills_analysis["heldout"]), str(lines)}
-    assert report["files"][str(lines)]["documents"] == 30
-    assert report["documents"] == 30 + len(list(read_texts(gpt2_bills_analysis["heldout"])))
-    assert report["pretokens"] == sum(f["pretokens"] for f in report["files"].values())
-    for key in ("pretoken_agreement", "document_agreement", "decode_roundtrip"):
-        assert 0.9 <= report[key] <= 1.0, key
-    same = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "tokenizer_fidelity.py"), "--reference", str(gpt2_tokenizer_dir),
-         "--candidate", str(gpt2_tokenizer_dir), "--text", str(lines)],
-        capture_output=True, text=True, check=True,
-    )
-    assert json.loads(same.stdout)["pretoken_agreement"] == json.loads(same.stdout)["document_agreement"] == 1.0
 
 
 def test_non_bpe_tokenizer_is_refused(tmp_path, gpt2_tokenizer_dir, gpt2_bills_analysis):

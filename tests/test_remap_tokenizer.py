@@ -12,9 +12,9 @@ from transformers import AutoTokenizer
 
 from conftest import asset
 from ivr.corpus import iter_jsonl_texts
-from ivr.remap import load_rules
+from ivr.remap_rules import read_rules
 from remap_tokenizer import main as remap_main
-from test_select import SPECIAL, select
+from test_select_candidates import SPECIAL, select
 
 
 def remap(analysis: dict, selection: dict[str, Path], out: Path, distilled: Path | None) -> dict[str, Path]:
@@ -38,7 +38,7 @@ def remapped(request, tmp_path_factory, gpt2_bills_analysis, gpt2_unigram_standi
     folder = tmp_path_factory.mktemp(f"remap_{backend}")
     selection = select(gpt2_bills_analysis, folder, "--backend", backend, "--special-tokens", SPECIAL)
     outs = remap(gpt2_bills_analysis, selection, folder, gpt2_unigram_standin if backend == "unigram" else None)
-    rules = load_rules(selection["rules"])["reassignments"]
+    rules = read_rules(selection["rules"])["reassignments"]
     return {"backend": backend, "selection": selection, "rules": rules, **outs}
 
 

@@ -10,9 +10,10 @@ import pytest
 import yaml
 
 from conftest import ROOT
+from ivr.base_bpe import load_base
 from ivr.cli import run_main
-from ivr.remap import load_base, load_rules
-from select_candidates import Words, continue_bpe
+from ivr.continued_bpe import Words, continue_bpe
+from ivr.remap_rules import read_rules
 from select_candidates import main as select_main
 
 BUDGET = 300
@@ -47,7 +48,7 @@ def selections(tmp_path_factory, gpt2_bills_analysis) -> dict[str, dict[str, Pat
 
 
 def reassignments(paths: dict[str, Path]) -> list[dict]:
-    return load_rules(paths["rules"])["reassignments"]
+    return read_rules(paths["rules"])["reassignments"]
 
 
 @pytest.mark.parametrize("backend", ["unigram", "bpe"])
@@ -93,7 +94,7 @@ def test_candidates_table_lists_every_merge_with_its_saving(selections):
 
 def test_unused_embedding_rows_are_taken_first(tmp_path, gpt2_bills_analysis):
     outs = select(gpt2_bills_analysis, tmp_path, "--model-rows", "50300")
-    rules = load_rules(outs["rules"])["reassignments"]
+    rules = read_rules(outs["rules"])["reassignments"]
     unused = [r for r in rules if r["kind"] == "unused_row"]
     assert [r["id"] for r in unused] == list(range(50257, 50300))
     assert all(r["old_token"] is None and r["old_readable"] is None for r in unused)
@@ -124,7 +125,7 @@ def rules_file(tmp_path: Path, selection: dict[str, Path], change) -> Path:
     """The first 20 merges of a selection as a user's rules file (parts come before the pieces
     built on them), after `change` edits its reassignments."""
     first = [line.split("\t")[4] for line in selection["candidates"].read_text(encoding="utf-8").splitlines()[1:21]]
-    data = load_rules(selection["rules"])
+    data = read_rules(selection["rules"])
     data["reassignments"] = [r for r in data["reassignments"] if r["new_token"] in first]
     change(data["reassignments"])
     path = tmp_path / "my_rules.yaml"
@@ -140,7 +141,7 @@ def test_a_valid_rules_file_is_completed_and_kept(tmp_path, selections, gpt2_bil
 
     path = rules_file(tmp_path, selections["bpe"], strip)
     outs = select(gpt2_bills_analysis, tmp_path / "out", "--backend", "bpe", "--rules-file", str(path))
-    mine = load_rules(outs["rules"])["reassignments"]
+    mine = read_rules(outs["rules"])["reassignments"]
     first = {line.split("\t")[4] for line in selections["bpe"]["candidates"].read_text(encoding="utf-8").splitlines()[1:21]}
     assert mine == [r for r in reassignments(selections["bpe"]) if r["new_token"] in first]
     assert len(outs["candidates"].read_text(encoding="utf-8").splitlines()) == 21
@@ -167,7 +168,7 @@ CASES = {
 def test_rules_file_errors_are_one_line_and_exit_2(tmp_path, selections, gpt2_bills_analysis, capsys, case):
     change, expected = CASES[case]
     path = rules_file(tmp_path, selections["bpe"], change)
-    protected = str(first_new(load_rules(path)["reassignments"])["id"]) if case == "protected" else ""
+    protected = str(first_new(read_rules(path)["reassignments"])["id"]) if case == "protected" else ""
     args = [
         "--tokenizer", str(gpt2_bills_analysis["tokenizer"]),
         "--pretokens", str(gpt2_bills_analysis["analysis"] / "pretokens.parquet"),
@@ -205,6 +206,8 @@ def test_rules_file_error_from_the_command_line(tmp_path, selections, gpt2_bills
         ({"budget": 10}, "unknown key 'ivr.budget'"),
         ({"backend": "wordpiece"}, "key 'ivr.backend'"),
         ({"special_tokens": [{"token": "<ToW>"}]}, "key 'ivr.special_tokens.0'"),
+        ({"special_tokens": [{"token": "<ToW>", "init_text": "a"}], "rules_file": "r.yaml"},
+         "ivr.special_tokens and ivr.rules_file are both set"),
     ],
 )
 def test_config_section_is_checked(ivr, expected):

@@ -36,6 +36,12 @@ def run_main(main: Callable[[list[str] | None], None], argv: list[str] | None = 
         sys.exit(2)
 
 
+def first_line(err: BaseException) -> str:
+    """The first line of an exception's message (its type's name when it has none), for one-line errors."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
 def _host() -> str:
     return socket.gethostname().replace(".", "_") or "localhost"
 

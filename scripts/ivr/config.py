@@ -9,6 +9,7 @@ from pathlib import Path
 import yaml
 
 from ivr.cli import UserError
+from ivr.files import asset_folder, looks_local
 
 SCHEMA = Path(__file__).resolve().parents[2] / "config" / "schema.yaml"
 
@@ -57,6 +58,8 @@ def _describe(error) -> tuple[list, str]:
         return [*parts, extra[0]], f"unknown key '{key}' (allowed here: {', '.join(known)})"
     if error.validator in ("oneOf", "anyOf") and error.context:
         return _describe(min(error.context, key=lambda e: len(list(e.absolute_path)) * -1))
+    if error.validator == "not" and "description" in error.validator_value:  # a combination the schema refuses
+        return parts, error.validator_value["description"]
     return parts, f"key '{where or '(top level)'}': {error.message}"
 
 
@@ -103,17 +106,6 @@ def validate_config(config: dict, source: str = "config", schema_path: Path = SC
     return config
 
 
-def _made_by_a_rule(path: str) -> bool:
-    """Paths under resources/assets/<asset>/ are fetched by the workflow's own rule."""
-    parts = Path(path).parts
-    return len(parts) >= 3 and parts[:2] == ("resources", "assets")
-
-
-def _looks_local(name: str) -> bool:
-    """A model or tokenizer reference that can only be a local path (hub ids are 'owner/name')."""
-    return os.path.isabs(name) or name.startswith((".", "~")) or name.count("/") > 1 or name.endswith((".gguf", ".json"))
-
-
 def check_input_paths(config: dict, source: str = "config", root: str | Path = ".", files: ConfigSources = None) -> None:
     """Every input path the user names must exist before any job runs; UserError naming the key otherwise.
 
@@ -133,24 +125,13 @@ def check_input_paths(config: dict, source: str = "config", root: str | Path = "
             named.append((parts, value))
     for key in ("base_model", "base_tokenizer"):
         value = config.get(key)
-        if value and _looks_local(value):
+        if value and looks_local(value):
             named.append(([key], value))
     for parts, path in named:
-        if _made_by_a_rule(path):
+        if asset_folder(path):  # a rule fetches it
             continue
         key = ".".join(map(str, parts))
         full = root / os.path.expanduser(path)
         problem = "does not exist" if not full.exists() else None if os.access(full, os.R_OK) else "is not readable (permission denied)"
         if problem:
             raise UserError(f"{file_holding(parts, files) or source}: key '{key}': '{path}' {problem}")
-
-
-def load_config(path: str | Path) -> dict:
-    path = Path(path)
-    if not path.exists():
-        raise UserError(f"{path}: config file does not exist")
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as err:
-        raise UserError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
-    return validate_config(raw, str(path))

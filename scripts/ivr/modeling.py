@@ -8,7 +8,9 @@ from pathlib import Path
 
 import torch
 
-from ivr.cli import UserError
+from ivr.cli import UserError, first_line
+from ivr.files import looks_local
+from ivr.tokenization import load_tokenizer  # noqa: F401 (its home is ivr.tokenization; callers still import it here)
 
 
 @dataclass(frozen=True)
@@ -25,11 +27,6 @@ class EmbeddingLayout:
         return self.output_name is None
 
 
-def _looks_local(name_or_path: str) -> bool:
-    """A name that can only be a local path (hub ids are 'name' or 'owner/name')."""
-    return os.path.isabs(name_or_path) or name_or_path.startswith((".", "~")) or name_or_path.count("/") > 1
-
-
 def _check_local(name_or_path: str) -> None:
     path = Path(name_or_path)
     if path.is_dir():
@@ -37,7 +34,7 @@ def _check_local(name_or_path: str) -> None:
             raise UserError(f"{path}: holds no .safetensors weights (other weight formats are refused: they can run code)")
     elif path.exists():
         raise UserError(f"{path}: expected a model folder, not a file")
-    elif _looks_local(name_or_path):
+    elif looks_local(name_or_path):
         raise UserError(f"{name_or_path}: model folder does not exist")
 
 
@@ -59,31 +56,10 @@ def load_causal_lm(
             name, use_safetensors=True, trust_remote_code=trust_remote_code, dtype=dtype
         )
     except SafetensorError as err:  # a damaged or truncated weights file
-        raise UserError(f"{name}: a .safetensors weights file is not readable ({_first_line(err)})") from None
+        raise UserError(f"{name}: a .safetensors weights file is not readable ({first_line(err)})") from None
     except (OSError, ValueError) as err:
-        raise UserError(f"{name}: cannot load a causal LM ({_first_line(err)})") from None
+        raise UserError(f"{name}: cannot load a causal LM ({first_line(err)})") from None
     return model.to(device).eval()
-
-
-def load_tokenizer(name_or_path: str | os.PathLike, *, trust_remote_code: bool = False):
-    """A fast tokenizer from a local folder or hub id."""
-    from transformers import AutoTokenizer
-
-    name = str(name_or_path)
-    if not Path(name).exists() and _looks_local(name):
-        raise UserError(f"{name}: tokenizer or model folder does not exist")
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as err:
-        raise UserError(f"{name}: cannot load a tokenizer ({_first_line(err)})") from None
-    if not getattr(tokenizer, "is_fast", False):
-        raise UserError(f"{name}: only a slow tokenizer is available; a fast (tokenizer.json) tokenizer is needed")
-    return tokenizer
-
-
-def _first_line(err: Exception) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
 
 
 def _module_name(model: torch.nn.Module, target: torch.nn.Module) -> str:

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from ivr.cli import UserError
-from ivr.remap import load_rules
+from ivr import remap_rules
 
 
 @dataclass(frozen=True)
@@ -22,7 +22,7 @@ class Rules:
 def read_rules(path: str | Path, num_rows: int) -> Rules:
     """Reassigned and frozen ids of remap_rules.yaml (docs/DEVELOPING.md), checked against the matrix."""
     ids, frozen = [], []
-    for number, entry in enumerate(load_rules(Path(path))["reassignments"]):
+    for number, entry in enumerate(remap_rules.read_rules(path)["reassignments"]):
         if not isinstance(entry["id"], int) or not 0 <= entry["id"] < num_rows:
             raise UserError(f"{path}: reassignments[{number}]: id {entry['id']!r} is no row of the embedding "
                             f"matrix (0..{num_rows - 1})")

@@ -6,13 +6,14 @@ import json
 import os
 from collections.abc import Callable
 from functools import lru_cache
-from itertools import chain
 from pathlib import Path
 
 import numpy as np
 import regex
 
-from ivr.cli import UserError
+from ivr.cli import UserError, first_line
+from ivr.files import looks_local, read_json
+from ivr.ragged import Ragged, interleave
 
 # The split GPT-2's ByteLevel pre-tokenizer applies when use_regex is on.
 GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
@@ -69,32 +70,26 @@ def load_tokenizer_json(name_or_path: str, trust_remote_code: bool = False) -> d
     """The tokenizer.json of a local HF folder, a tokenizer.json file, or a hub id, as a dict."""
     path = Path(name_or_path)
     if path.is_file():
-        candidate = path
-    elif path.is_dir():
-        candidate = path / "tokenizer.json"
-        if not candidate.exists():
-            return json.loads(_auto_backend(str(path), trust_remote_code).to_str())
-    elif os.path.isabs(name_or_path) or name_or_path.startswith((".", "~")) or name_or_path.count("/") > 1:
-        raise UserError(f"{name_or_path}: tokenizer or model path does not exist")
-    else:
-        return json.loads(_auto_backend(name_or_path, trust_remote_code).to_str())
-    try:
-        return json.loads(candidate.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise UserError(f"{candidate}: not a readable tokenizer.json ({err})") from None
+        return read_json(path, "tokenizer.json")
+    if (path / "tokenizer.json").is_file():
+        return read_json(path / "tokenizer.json", "tokenizer.json")
+    return json.loads(load_tokenizer(name_or_path, trust_remote_code=trust_remote_code).backend_tokenizer.to_str())
 
 
-def _auto_backend(name: str, trust_remote_code: bool):
+def load_tokenizer(name_or_path: str | os.PathLike, *, trust_remote_code: bool = False):
+    """A fast transformers tokenizer from a local folder or hub id."""
     from transformers import AutoTokenizer
 
+    name = str(name_or_path)
+    if not Path(name).exists() and looks_local(name):
+        raise UserError(f"{name}: tokenizer or model folder does not exist")
     try:
-        tok = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserError(f"{name}: cannot load a tokenizer ({first})") from None
-    if not getattr(tok, "is_fast", False):
+        raise UserError(f"{name}: cannot load a tokenizer ({first_line(err)})") from None
+    if not getattr(tokenizer, "is_fast", False):
         raise UserError(f"{name}: only a slow tokenizer is available; IVR needs a fast (tokenizer.json) tokenizer")
-    return tok.backend_tokenizer
+    return tokenizer
 
 
 def _steps(node: dict | None) -> list[dict]:
@@ -334,9 +329,9 @@ class RankSegmenter:
         ranks = self._core.encode_single_piece(piece)
         return ranks if self._rank_to_id is None else self._rank_to_id[ranks].tolist()
 
-    def many(self, pieces) -> tuple[np.ndarray, np.ndarray]:
+    def many(self, pieces) -> Ragged:
         """Segmentations of many pre-tokens (a list or pyarrow array of strings) through one call into
-        tiktoken: (lengths, ids back to back)."""
+        tiktoken, a row a pre-token."""
         import pyarrow as pa
         import pyarrow.compute as pc
 
@@ -355,9 +350,9 @@ class RankSegmenter:
         if self._rank_to_id is not None:
             flat = self._rank_to_id[flat]
         if not alone.any():
-            return lens, flat
-        lone = ragged([self(p.encode("utf-8")) for p in pieces.filter(pa.array(alone)).to_pylist()])
-        return interleave([(np.flatnonzero(~alone), (lens, flat)), (np.flatnonzero(alone), lone)], len(pieces))
+            return Ragged(lens, flat)
+        lone = Ragged.of([self(p.encode("utf-8")) for p in pieces.filter(pa.array(alone)).to_pylist()])
+        return interleave([(np.flatnonzero(~alone), Ragged(lens, flat)), (np.flatnonzero(alone), lone)], len(pieces))
 
 
 def _is_utf8(data: bytes) -> bool:
@@ -366,23 +361,3 @@ def _is_utf8(data: bytes) -> bool:
     except UnicodeDecodeError:
         return False
     return True
-
-
-def ragged(rows: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
-    """Rows of ints of varying length as (lengths, values back to back)."""
-    lens = np.fromiter(map(len, rows), dtype=np.int64, count=len(rows))
-    return lens, np.fromiter(chain.from_iterable(rows), dtype=np.int64, count=int(lens.sum()))
-
-
-def interleave(sources: list[tuple[np.ndarray, tuple[np.ndarray, np.ndarray]]], n: int) -> tuple[np.ndarray, np.ndarray]:
-    """n rows gathered from ragged sources: each source is (destination row of each of its rows, (lengths, values))."""
-    lens = np.zeros(n, np.int64)
-    for rows, (row_lens, _) in sources:
-        lens[rows] = row_lens
-    starts = np.cumsum(lens) - lens
-    flat = np.zeros(int(lens.sum()), np.int64)
-    for rows, (row_lens, values) in sources:
-        within = np.cumsum(row_lens) - row_lens
-        flat[np.repeat(starts[rows] - within, row_lens) + np.arange(len(values))] = values
-    return lens, flat
-

@@ -1,23 +1,13 @@
-"""What selection and the remapped tokenizer share: the base BPE's structure, the rules, the merge table."""
+"""The base byte-level BPE as reassignment sees it: its tokens by id, its merges, which ids they build on."""
 
 from __future__ import annotations
 
-import csv
 import json
 from dataclasses import dataclass
-from pathlib import Path
 
-import yaml
 from tokenizers import Tokenizer
 
-from ivr.cli import UserError
 from ivr.tokenization import check_byte_level_bpe, load_tokenizer_json
-
-# candidates.tsv: one row per merged pair, in merge order.
-CANDIDATE_COLUMNS = [
-    "rank", "id", "left", "right", "new_token", "new_readable", "count", "general_count",
-    "pretokens", "final_count", "saving", "cumulative_saving",
-]
 
 
 @dataclass
@@ -67,30 +57,3 @@ def load_base(name_or_path: str, trust_remote_code: bool = False) -> Base:
         parts[out] = (ids[left], ids[right])
         built_on.update((ids[left], ids[right]))
     return Base(spec, tokens, ids, special, merge_rank, parts, built_on, n_ids, Tokenizer.from_str(json.dumps(spec)))
-
-
-def load_rules(path: Path) -> dict:
-    """A remap_rules.yaml as written by selection (which checked it); only its shape is checked here."""
-    if not path.is_file():
-        raise UserError(f"{path}: remap rules file does not exist")
-    try:
-        data = yaml.load(path.read_text(encoding="utf-8"), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
-    except yaml.YAMLError as err:
-        raise UserError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
-    if not isinstance(data, dict) or not isinstance(data.get("reassignments"), list):
-        raise UserError(f"{path}: needs a 'reassignments' list")
-    for n, rule in enumerate(data["reassignments"]):
-        if not isinstance(rule, dict) or not {"id", "kind", "old_token", "new_token"} <= set(rule):
-            raise UserError(f"{path}: reassignments[{n}] needs id, kind, old_token and new_token")
-    return data
-
-
-def read_merges(path: Path) -> list[tuple[str, str, str]]:
-    """(left, right, new_token) of every merge in candidates.tsv, in merge order."""
-    if not path.is_file():
-        raise UserError(f"{path}: candidates table does not exist")
-    with open(path, encoding="utf-8", newline="") as handle:
-        reader = csv.DictReader(handle, delimiter="\t")
-        if reader.fieldnames is None or not {"left", "right", "new_token"} <= set(reader.fieldnames):
-            raise UserError(f"{path}: not a candidates table (needs columns left, right, new_token)")
-        return [(row["left"], row["right"], row["new_token"]) for row in reader]
