@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from ivr.cli import UserError, atomic_outputs, log, progress, run_main  # noqa: E402
 from ivr.corpus import iter_jsonl_texts  # noqa: E402
-from ivr.modeling import load_tokenizer  # noqa: E402
+from ivr.tokenization import load_tokenizer  # noqa: E402
 from ivr.packed_data import interleave, pack_examples, pack_stream  # noqa: E402
 
 BATCH_DOCUMENTS = 256

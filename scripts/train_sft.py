@@ -56,7 +56,8 @@ from ivr.cli import UserError, atomic_path, log, run_main  # noqa: E402
 from ivr.compute import flops_per_token, plan_steps, reference_steps  # noqa: E402
 from ivr.dev_eval import DevEval, read_dev_texts  # noqa: E402
 from ivr.held_rows import full_state  # noqa: E402
-from ivr.modeling import embedding_weights, load_tokenizer, load_weights  # noqa: E402
+from ivr.modeling import embedding_weights, load_weights  # noqa: E402
+from ivr.tokenization import load_tokenizer  # noqa: E402
 from ivr.packed_data import PackedBlocks, block_stream, read_meta  # noqa: E402
 from ivr.stages import Stage, plan_stages, read_rules  # noqa: E402
 from ivr.train_settings import read_settings_arg, resolve_settings  # noqa: E402

@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from ivr.cli import UserError, atomic_outputs, log, run_main  # noqa: E402
 from ivr.corpus import iter_jsonl_texts  # noqa: E402
+from ivr.files import read_json  # noqa: E402
 
 MODELS = ("base", "initialized", "sft", "control")
 LABELS = {"base": "base", "initialized": "initialized (IVR, before training)", "sft": "IVR (fine-tuned)", "control": "control (base fine-tuned)"}
@@ -47,7 +48,8 @@ def evaluate(name: str, path: str, domain: list[str], general: list[str], prompt
     import torch
 
     from ivr.metrics import bits_per_byte, generation_speed
-    from ivr.modeling import load_causal_lm, load_tokenizer
+    from ivr.modeling import load_causal_lm
+    from ivr.tokenization import load_tokenizer
 
     log.info("evaluating %s (%s)", name, path)
     device = opts.device if opts.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
@@ -271,8 +273,9 @@ def read_jsonl(path: Path | None) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def read_json(path: Path | None) -> dict:
-    return json.loads(path.read_text()) if path and path.exists() else {}
+def read_json_if(path: Path | None, what: str) -> dict:
+    """An optional input: {} when not given or not made (the control's stats when there is no control)."""
+    return read_json(path, what) if path and path.exists() else {}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -316,15 +319,17 @@ def main(argv: list[str] | None = None) -> None:
     paths = {"base": args.base_model, "initialized": args.initialized, "sft": args.sft, "control": args.control}
     models = {name: evaluate(name, path, domain, general, prompts, args) for name, path in paths.items() if path}
     logs = {name: read_jsonl(Path(paths[name]) / "train_log.jsonl") for name in ("sft", "control") if paths[name]}
+    fidelity = read_json_if(args.fidelity, "fidelity report")
     results = {
         "base_model": args.base_model,
         "protocol": {"documents": len(domain), "general_documents": len(general), "byte_budget": args.byte_budget,
                      "prompts": len(prompts), "prompt_bytes": args.prompt_bytes, "new_tokens": args.new_tokens},
         "models": models,
         "prompts": prompts,
-        "fidelity": read_json(args.fidelity).get("heldout", read_json(args.fidelity)),
-        "compression": read_json(args.compression),
-        "training": {name: read_json(Path(paths[name]) / "training_stats.json") for name in ("sft", "control") if paths[name]},
+        "fidelity": fidelity.get("heldout", fidelity),
+        "compression": read_json_if(args.compression, "compression table"),
+        "training": {name: read_json_if(Path(paths[name]) / "training_stats.json", "training statistics")
+                     for name in ("sft", "control") if paths[name]},
     }
     results["headline"] = headline(models)
     flops = {n: results["training"].get(n, {}).get("training_flops") for n in ("sft", "control")}

@@ -10,7 +10,6 @@ import torch
 
 from ivr.cli import UserError, first_line
 from ivr.files import looks_local
-from ivr.tokenization import load_tokenizer  # noqa: F401 (its home is ivr.tokenization; callers still import it here)
 
 
 @dataclass(frozen=True)

@@ -3,13 +3,13 @@ meta.json, and the order in which a run visits the blocks."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from ivr.cli import UserError
+from ivr.files import read_json
 
 
 IGNORE = -100
@@ -20,7 +20,7 @@ def read_meta(folder: str | Path) -> dict:
     path = folder / "meta.json" if folder.is_dir() else folder
     if not path.exists():
         raise UserError(f"{path}: packed data metadata not found (run pack_data.py)")
-    meta = json.loads(path.read_text())
+    meta = read_json(path, "packed data metadata")
     if meta.get("format") != 1:
         raise UserError(f"{path}: unknown packed data format {meta.get('format')!r}")
     return meta

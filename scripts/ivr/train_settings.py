@@ -4,12 +4,12 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import yaml
 
 from ivr.cli import UserError
 from ivr.config import SCHEMA, fill_defaults, validate_config
+from ivr.files import read_yaml
 
 
 def parse_value(text: str):
@@ -49,8 +49,5 @@ def read_settings_arg(value: str | None) -> dict:
             return json.loads(value)
         except json.JSONDecodeError as err:
             raise UserError(f"--settings: not valid JSON ({err.msg})") from None
-    path = Path(value)
-    if not path.is_file():
-        raise UserError(f"--settings {value}: no such file")
-    data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    data = read_yaml(value, "settings file") or {}
     return data.get("training", data) if isinstance(data, dict) else {}
