@@ -140,6 +140,7 @@ run)
   if [[ ! -f $GGUF ]]; then
     mkdir -p "$(dirname "$GGUF")"
     cat "$PARTS"/gguf.part.* >"$GGUF"
+    cp "$PARTS/smollm2_SOURCE.json" "$(dirname "$GGUF")/SOURCE.json"
   fi
   echo "$GGUF_SHA  $GGUF" | sha256sum -c - || exit 1
   setsid nohup bash "$0" orchestrate >"$STATE/orchestrate.log" 2>&1 &
