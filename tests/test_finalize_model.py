@@ -1,6 +1,7 @@
 """The final model (scripts/finalize_model.py): written only when every gate of the validation report passes,
 as a folder a user loads with from_pretrained, with its rules, model card and provenance. The report is the
-real one of the default GPU run (docs/gpu_default_run/), whose ivr_vs_control gate failed."""
+real one of the default GPU run (docs/gpu_default_run/), whose gates all passed, and the same report with
+its ivr_vs_control gate failed as a stricter threshold would fail it."""
 
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ GPU_RUN = ROOT / "docs" / "gpu_default_run" / "validation.json"
 def run(tmp_path_factory, tiny_gpt2_dir, gpt2_tokenizer_dir) -> dict[str, Path]:
     """What finalize reads: the fine-tuned model (the tiny GPT-2, with the checkpoints training keeps in
     it), the base model (with a chat template), remap rules and two reports: the GPU run's, and the
-    same with its ivr_vs_control gate switched off (validate then leaves that gate out)."""
+    same with its ivr_vs_control gate failed (the control's bits per byte lowered to 0.59)."""
     root = tmp_path_factory.mktemp("finalize")
     model = root / "sft"
     shutil.copytree(tiny_gpt2_dir, model)
@@ -38,12 +39,15 @@ def run(tmp_path_factory, tiny_gpt2_dir, gpt2_tokenizer_dir) -> dict[str, Path]:
              make_rule(gpt2, 50300, "unused_row", "ë²ķë¥ł", piece_segmentation(gpt2, "ë²ķë¥ł"), False)]
     (root / "remap_rules.yaml").write_text(dump_rules(rules, str(gpt2_tokenizer_dir), "unigram", "test rules"))
     report = json.loads(GPU_RUN.read_text())
-    report["gates"] = [g for g in report["gates"] if g["name"] != "ivr_vs_control"]
-    (root / "passed.json").write_text(json.dumps(report))
+    assert report["gates_passed"]
+    gate = next(g for g in report["gates"] if g["name"] == "ivr_vs_control")
+    gate.update(threshold=0.59, passed=False)
+    report["gates_passed"] = False
+    (root / "failed.json").write_text(json.dumps(report))
     corpus = root / "bills.jsonl"
     corpus.write_text('{"text": "국회 법률안"}\n', encoding="utf-8")
     return {"root": root, "model": model, "base": base, "rules": root / "remap_rules.yaml",
-            "passed": root / "passed.json", "corpus": corpus}
+            "passed": GPU_RUN, "failed": root / "failed.json", "corpus": corpus}
 
 
 def finalize(run: dict[str, Path], validation: Path, out: Path) -> subprocess.CompletedProcess:
@@ -58,10 +62,10 @@ def finalize(run: dict[str, Path], validation: Path, out: Path) -> subprocess.Co
 
 def test_a_failed_gate_writes_nothing_and_names_the_gate(run, tmp_path):
     out = tmp_path / "final_model"
-    result = finalize(run, GPU_RUN, out)
+    result = finalize(run, run["failed"], out)
     assert result.returncode == 2
     assert result.stderr == (
-        f"error: {GPU_RUN}: gate 'ivr_vs_control' failed: measured 1.03409, threshold 0.779462 "
+        f"error: {run['failed']}: gate 'ivr_vs_control' failed: measured 0.598195, threshold 0.59 "
         "(IVR domain bits/byte <= control's + tolerance) (see the report beside it; no final model written)\n")
     assert not out.exists() and not any(tmp_path.iterdir())
 
