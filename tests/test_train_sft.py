@@ -328,19 +328,19 @@ def test_chunked_loss_matches_full_cross_entropy():
     assert not g_w[300:].any()
 
 
-@pytest.mark.parametrize("family", ["gpt2", "llama"])
-def test_compiled_blocks_leave_attention_causal_without_a_dense_mask(monkeypatch, family):
-    """Compiled whole, the model would hand SDPA a dense causal mask (twice attention's work on GPU)."""
+def tiny_lm(family: str):
     from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
 
     config = (GPT2Config(n_layer=2, n_embd=32, n_head=2, n_positions=32, vocab_size=100) if family == "gpt2" else
-              LlamaConfig(num_hidden_layers=2, hidden_size=32, intermediate_size=64, num_attention_heads=2,
+              LlamaConfig(num_hidden_layers=2, hidden_size=48, intermediate_size=64, num_attention_heads=3,
                           num_key_value_heads=1, vocab_size=100))
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").eval()
-    loss_model = ivr_loss.CausalLMLoss(model, chunk_tokens=64)
-    ids = torch.randint(0, 100, (2, 16))
-    eager_loss = loss_model(ids, ids)
+    return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").eval()
+
+
+def spy_on_sdpa(monkeypatch) -> list[tuple[bool, bool]]:
+    """(no mask, is_causal) of every SDPA call from now on; enable_compile's replacement of the loss
+    kernel is undone after the test too."""
     calls = []
     sdpa = torch.nn.functional.scaled_dot_product_attention
 
@@ -349,7 +349,18 @@ def test_compiled_blocks_leave_attention_causal_without_a_dense_mask(monkeypatch
         return sdpa(*args, attn_mask=attn_mask, is_causal=is_causal, **kwargs)
 
     monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
-    monkeypatch.setattr(ivr_loss, "_chunk_fn", ivr_loss._chunk_fn)  # enable_compile replaces it
+    monkeypatch.setattr(ivr_loss, "_chunk_fn", ivr_loss._chunk_fn)
+    return calls
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_compiled_blocks_leave_attention_causal_without_a_dense_mask(monkeypatch, family):
+    """Compiled whole, the model would hand SDPA a dense causal mask (twice attention's work on GPU)."""
+    model = tiny_lm(family)
+    loss_model = ivr_loss.CausalLMLoss(model, chunk_tokens=64)
+    ids = torch.randint(0, 100, (2, 16))
+    eager_loss = loss_model(ids, ids)
+    calls = spy_on_sdpa(monkeypatch)
     torch._dynamo.reset()
     try:
         regions = ivr_loss.compiled_regions(model)
@@ -360,16 +371,6 @@ def test_compiled_blocks_leave_attention_causal_without_a_dense_mask(monkeypatch
         torch._dynamo.reset()
     assert calls and all(no_mask and causal for no_mask, causal in calls)
     assert torch.allclose(compiled_loss, eager_loss, atol=1e-4)
-
-
-def tiny_lm(family: str):
-    from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
-
-    config = (GPT2Config(n_layer=2, n_embd=32, n_head=2, n_positions=32, vocab_size=100) if family == "gpt2" else
-              LlamaConfig(num_hidden_layers=2, hidden_size=48, intermediate_size=64, num_attention_heads=3,
-                          num_key_value_heads=1, vocab_size=100))
-    torch.manual_seed(0)
-    return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").eval()
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
@@ -384,15 +385,7 @@ def test_compiled_body_runs_attention_causal_without_a_mask_and_leaves_evaluatio
     targets[:, -1] = -100
     eager_loss = loss_model(ids, targets)
     eager_grads = torch.autograd.grad(eager_loss, list(model.parameters()))
-    calls = []
-    sdpa = torch.nn.functional.scaled_dot_product_attention
-
-    def spy(*args, attn_mask=None, is_causal=False, **kwargs):
-        calls.append((attn_mask is None, is_causal))
-        return sdpa(*args, attn_mask=attn_mask, is_causal=is_causal, **kwargs)
-
-    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
-    monkeypatch.setattr(ivr_loss, "_chunk_fn", ivr_loss._chunk_fn)  # enable_compile replaces it
+    calls = spy_on_sdpa(monkeypatch)
     torch._dynamo.reset()
     try:
         assert ivr_loss.body_without_mask(model) is None
@@ -411,8 +404,7 @@ def test_compiled_body_runs_attention_causal_without_a_mask_and_leaves_evaluatio
     # only our training forward used CAUSAL_SDPA: the model's own forward (evaluation, generation) is
     # back on sdpa and gets its padding mask
     assert model.config._attn_implementation == "sdpa"
-    calls.clear()
-    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    calls.clear()  # the spy is still in place
     padding = torch.ones_like(ids)
     padding[0, :3] = 0
     with torch.no_grad(), torch.compiler.set_stance("force_eager"):
