@@ -13,6 +13,9 @@
 #                                         with the chosen settings; the IVR model at equal compute and
 #                                         after one pass
 #   bash bench/gpu_session.sh status      what has finished, the tail of the logs
+# A follow-up session skips what an earlier one settled: IVR_SESSION_TUNE=0 (no tuning: config/gpu.yaml
+# carries the settings chosen on the dev split), IVR_SESSION_DEEPSPEED=0, IVR_SESSION_EXTRAS="one_pass"
+# (which of equal_compute and one_pass follow the default run), IVR_SESSION_BENCH="--no-extras".
 #   bash bench/gpu_session.sh collect     reports, logs and tables into $OUT/session.tar.gz
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -59,11 +62,13 @@ stage() {  # stage NAME COMMAND...: run it, log it, mark it done or failed
 extra_run() {  # extra_run NAME SETTING: the IVR model again with one setting changed, and its report
   local name=$1 setting=$2 settings
   settings=$("$PY" - "$setting" "${CONFIGS[@]}" <<'PY'
-import json, sys, yaml
+import json, os, sys, yaml
 sys.path.insert(0, "scripts")
 from ivr.config import validate_config
 config = {}
 for name in ("config/config.yaml", *sys.argv[2:], "results/tuning/chosen.yaml"):
+    if not os.path.exists(name):
+        continue
     for key, value in (yaml.safe_load(open(name)) or {}).items():
         config[key] = {**config.get(key, {}), **value} if isinstance(value, dict) else value
 training = validate_config(config)["training"]
@@ -85,14 +90,22 @@ PY
       --out-json "results/extra/$name.validation.json" --out-html "results/extra/$name.validation.html"
 }
 
-choose_compile_scope() {  # body if the benchmark measured it faster than blocks for both models
+faster() {  # faster LINE SLOWEST FASTEST: the line has two ratios, neither below SLOWEST, one above FASTEST
+  [[ -n $1 ]] && "$PY" -c "import re, sys; x = [float(v) for v in re.findall(r'([0-9.]+)x', sys.argv[1])]
+sys.exit(0 if len(x) == 2 and min(x) > float(sys.argv[2]) and max(x) > float(sys.argv[3]) else 1)" "$@"
+}
+
+choose_compile_scope() {  # body if the benchmark measured it faster than blocks for both models, and
+  # CUDA graphs if they made the body faster for one and slower for neither
   mkdir -p results/tuning
-  local line scope=blocks
+  local line graphs_line scope=blocks graphs=false
   line=$(grep "body / blocks, our step" "$STATE/bench.log" 2>/dev/null)
-  if [[ -n $line ]] && "$PY" -c "import re, sys; x = [float(v) for v in re.findall(r'([0-9.]+)x', sys.argv[1])]
-sys.exit(0 if len(x) == 2 and min(x) > 1.02 else 1)" "$line"; then scope=body; fi
-  printf 'training:\n  compile_scope: %s # measured: %s\n' "$scope" "${line:-no benchmark}" >results/tuning/compile.yaml
-  say "compile_scope $scope (${line:-no benchmark})"
+  graphs_line=$(grep "graphs / body, our step" "$STATE/bench.log" 2>/dev/null)
+  faster "$line" 1.02 1.02 && scope=body
+  [[ $scope == body ]] && faster "$graphs_line" 0.99 1.02 && graphs=true
+  printf 'training:\n  compile_scope: %s # measured: %s\n  cuda_graphs: %s # measured: %s\n' "$scope" \
+    "${line:-no benchmark}" "$graphs" "${graphs_line:-no benchmark}" >results/tuning/compile.yaml
+  say "compile_scope $scope (${line:-no benchmark}); cuda_graphs $graphs (${graphs_line:-no benchmark})"
 }
 
 tune() {
@@ -107,7 +120,8 @@ orchestrate() {
   if [[ $REHEARSAL == 1 ]]; then
     true &
   else
-    taskset -c 0-3 "$PY" bench/train_throughput.py --mode compare --profile >"$STATE/bench.log" 2>&1 &&
+    # shellcheck disable=SC2086
+    taskset -c 0-3 "$PY" bench/train_throughput.py --mode compare --profile ${IVR_SESSION_BENCH:-} >"$STATE/bench.log" 2>&1 &&
       touch "$STATE/bench.done" &
   fi
   local bench=$!
@@ -119,17 +133,33 @@ orchestrate() {
   choose_compile_scope
   CONFIGS+=(results/tuning/compile.yaml)
   SNAKE_OPTS+=(results/tuning/compile.yaml)
-  [[ $REHEARSAL == 1 ]] || PYTHON="$PY" OUT="$STATE/deepspeed" stage deepspeed_check bash bench/deepspeed_check.sh &
-  if ! tune; then
-    grep -q body results/tuning/compile.yaml || return 1
-    say "tuning failed with compile_scope body: once more by blocks"
-    printf 'training:\n  compile_scope: blocks # body failed in the tuning (see tuning.log)\n' >results/tuning/compile.yaml
-    tune || return 1
+  if [[ $REHEARSAL != 1 && ${IVR_SESSION_DEEPSPEED:-1} == 1 ]]; then
+    PYTHON="$PY" OUT="$STATE/deepspeed" stage deepspeed_check bash bench/deepspeed_check.sh &
+  fi
+  local chosen=()
+  if [[ ${IVR_SESSION_TUNE:-1} == 1 ]]; then
+    if ! tune; then
+      grep -q "scope: body" results/tuning/compile.yaml || return 1
+      say "tuning failed with compile_scope body: once more by blocks, without CUDA graphs"
+      printf 'training:\n  compile_scope: blocks # body failed in the tuning (see tuning.log)\n' >results/tuning/compile.yaml
+      tune || return 1
+    fi
+    chosen=(results/tuning/chosen.yaml)
   fi
   wait
-  stage default_run "$PY" -m snakemake results/final_model "${SNAKE_OPTS[@]}" results/tuning/chosen.yaml || true
-  stage equal_compute extra_run equal_compute budget=1.0 || true
-  stage one_pass extra_run one_pass budget=one_pass || true
+  if ! stage default_run "$PY" -m snakemake results/final_model "${SNAKE_OPTS[@]}" "${chosen[@]}" &&
+    grep -q "cuda_graphs: true" results/tuning/compile.yaml; then
+    say "the default run failed with CUDA graphs: once more without them (it resumes from its checkpoints)"
+    sed -i 's/cuda_graphs: true/cuda_graphs: false # failed in the default run (see default_run.log)/' results/tuning/compile.yaml
+    mv "$STATE/default_run.log" "$STATE/default_run_graphs.log"
+    stage default_run "$PY" -m snakemake results/final_model "${SNAKE_OPTS[@]}" "${chosen[@]}"
+  fi
+  for extra in ${IVR_SESSION_EXTRAS:-equal_compute one_pass}; do
+    case $extra in
+    equal_compute) stage equal_compute extra_run equal_compute budget=1.0 ;;
+    one_pass) stage one_pass extra_run one_pass budget=one_pass ;;
+    esac
+  done
   say "session done"
 }
 

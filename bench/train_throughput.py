@@ -251,6 +251,8 @@ def run_ours(args) -> None:
                  f"loss_chunk_tokens={args.chunk}", "weight_decay=0.1", "warmup_share=0"]
     if args.scope:
         overrides.append(f"compile_scope={args.scope}")
+    if args.cuda_graphs:
+        overrides.append("cuda_graphs=true")
     settings = resolve_settings({}, overrides, validate=False)
     accelerator = make_accelerator(settings)
     with whole_models(accelerator):
@@ -268,6 +270,7 @@ def run_ours(args) -> None:
     scope = "eager"
     if args.compile:
         scope = "body" if accelerator.unwrap_model(prepared.loss_model).causal_attention else "blocks"
+        scope = "graphs" if scope == "body" and prepared.cuda_graphs else scope
     prepared.loss_model.train()
     batches = iter(prepared.loader)
     losses = []
@@ -404,12 +407,16 @@ def spawn(command: list[str]) -> dict:
 
 def own(args, mode: str, model: str, batch: int, scope: str | None = None, profile_steps: int = 0,
         handshake: bool = False, cd_tuning: bool = False) -> list[str]:
+    """The command line of one measurement; scope "graphs" is the body with training.cuda_graphs."""
     scope = scope or args.scope
+    graphs = scope == "graphs" or args.cuda_graphs
+    scope = "body" if scope == "graphs" else scope
     return (["bench/train_throughput.py", "--mode", mode, "--model", model, "--batch", str(batch),
              "--steps", str(args.steps), "--warmup", str(args.warmup), "--compile-steps", str(args.compile_steps),
              "--chunk", str(args.chunk), "--seq", str(SEQ), "--compile" if args.compile else "--no-compile"]
             + (["--compile-mode", args.compile_mode] if args.compile_mode else [])
             + (["--scope", scope] if scope and mode == "ours" else [])
+            + (["--cuda-graphs"] if graphs and mode == "ours" else [])
             + (["--attention", args.attention] if args.attention != "default" and mode == "ours" else [])
             + (["--profile-steps", str(profile_steps)] if profile_steps else [])
             + (["--handshake"] if handshake else [])
@@ -427,7 +434,9 @@ def describe(name: str, r: dict, anchor: dict | None = None) -> str:
 # ---- --mode compare -------------------------------------------------------------------------------
 MODELS = ("gpt2", "smollm2")
 NAMES = {"gpt2": "GPT-2 124M", "smollm2": "SmolLM2-135M"}
-SCOPE_NAMES = {"body": "ours (body)", "blocks": "ours (blocks)", "eager": "ours (eager)"}
+SCOPE_NAMES = {"body": "ours (body)", "blocks": "ours (blocks)", "graphs": "ours (body, CUDA graphs)",
+               "eager": "ours (eager)"}
+SCOPES = ("blocks", "body", "graphs")  # graphs: the body compiled with training.cuda_graphs
 
 
 def estimated_gib(side: str, model: str, batch: int) -> float:
@@ -455,7 +464,7 @@ class Job:
     model: str
     side: str  # hf | ours
     batch: int
-    scope: str | None = None  # ours: body | blocks
+    scope: str | None = None  # ours: body | blocks | graphs
     section: str = "same"  # same: at the same batch; best: each side's best batch; extra
     profile_steps: int = 0
     cd_tuning: bool = False  # ours: inductor's coordinate-descent tuning of its kernels' block sizes
@@ -483,13 +492,15 @@ class Job:
 
 
 def compare_jobs(args) -> list[Job]:
-    """In order of importance (the order they start in): the same-batch pairs, our step by blocks at
-    the same batch (body vs blocks), each side at its best batch, then extras."""
+    """In order of importance (the order they start in): the same-batch pairs, our step with CUDA graphs
+    and by blocks at the same batch, each side at its best batch, then extras."""
     hf_best, ours_best = dict(zip(MODELS, args.hf_best)), dict(zip(MODELS, args.ours_best))
     profile = args.profile_steps if args.profile else 0
     jobs = []
     for model in args.models:
         jobs += [Job(model, "hf", args.batch), Job(model, "ours", args.batch, "body", profile_steps=profile)]
+    for model in args.models:
+        jobs.append(Job(model, "ours", args.batch, "graphs", profile_steps=profile))
     for model in args.models:
         jobs.append(Job(model, "ours", args.batch, "blocks", profile_steps=profile))
     for model in args.models:
@@ -497,6 +508,7 @@ def compare_jobs(args) -> list[Job]:
             jobs.append(Job(model, "hf", hf_best[model], section="best"))
         if ours_best[model] != args.batch:
             jobs.append(Job(model, "ours", ours_best[model], "body", section="best"))
+            jobs.append(Job(model, "ours", ours_best[model], "graphs", section="best"))
     if args.extras:  # GPT-2 (furthest from 1.5x) first
         for model in args.models:
             jobs.append(Job(model, "ours", args.batch, "body", section="extra", cd_tuning=True))
@@ -711,7 +723,8 @@ def table_row(job: Job, anchor: Job | None) -> str:
 
 
 def print_profiles(jobs: list[Job]) -> None:
-    """Before/after: our step at the same batch compiled by blocks and as one body, kernel time by kind."""
+    """Before/after: our step at the same batch compiled by blocks, as one body and with CUDA graphs,
+    kernel time by kind."""
     for model in MODELS:
         pair = {j.scope: j for j in jobs if j.model == model and j.section == "same" and j.side == "ours"
                 and j.result and j.result.get("profile")}
@@ -721,7 +734,7 @@ def print_profiles(jobs: list[Job]) -> None:
                 del pair[scope]
         if not pair:
             continue
-        scopes = [s for s in ("blocks", "body") if s in pair]
+        scopes = [s for s in SCOPES if s in pair]
         profiles = {s: pair[s].result["profile"] for s in scopes}
         kinds = sorted({k for p in profiles.values() for k in p["kinds"]},
                        key=lambda k: -max(p["kinds"].get(k, 0) for p in profiles.values()))
@@ -766,19 +779,19 @@ def run_compare(args) -> None:
     print(header)
     for model in args.models:
         hf = find(model, "hf", b)
-        for job in (hf, find(model, "ours", b, "body"), find(model, "ours", b, "blocks"),
-                    find(model, "ours", b, "body", cd_tuning=True)):
+        for job in (hf, find(model, "ours", b, "body"), find(model, "ours", b, "graphs"),
+                    find(model, "ours", b, "blocks"), find(model, "ours", b, "body", cd_tuning=True)):
             if job is not None:
                 print(table_row(job, None if job is hf else hf))
     print("BEST BATCH OF EACH (labelled; not the same-batch figure): ours vs HF, each at its own batch")
     print(header)
     for model in args.models:
         hf = find(model, "hf", hf_best[model])
-        for job in (hf, find(model, "ours", ours_best[model], "body"), find(model, "ours", ours_best[model], "blocks")):
+        for job in (hf, *(find(model, "ours", ours_best[model], scope) for scope in ("body", "graphs", "blocks"))):
             if job is not None:
                 print(table_row(job, None if job is hf else hf))
     print("SUMMARY")
-    for scope, cd in (("body", False), ("blocks", False), ("body", True)):
+    for scope, cd in (("body", False), ("graphs", False), ("blocks", False), ("body", True)):
         cells = []
         for model in args.models:
             x = ratio(find(model, "ours", b, scope, cd), find(model, "hf", b))
@@ -786,13 +799,23 @@ def run_compare(args) -> None:
                          (" (>= 1.5)" if x >= 1.5 else " (< 1.5)")))
         if not cd or any(find(model, "ours", b, scope, cd) and find(model, "ours", b, scope, cd).result
                          for model in args.models):
-            print(f"  same batch {b}, compile_scope={scope}{' + cd-tuning' if cd else ''}: " + ", ".join(cells))
+            setting = "compile_scope=body, cuda_graphs" if scope == "graphs" else f"compile_scope={scope}"
+            print(f"  same batch {b}, {setting}{' + cd-tuning' if cd else ''}: " + ", ".join(cells))
     cells = []
     for model in args.models:
         x = ratio(find(model, "ours", b, "body"), find(model, "ours", b, "blocks"))
         cells.append(f"{NAMES[model]} {'-' if x is None else f'{x:.3f}x'}")
     print(f"  body / blocks, our step at batch {b}: " + ", ".join(cells)
           + "  (compile_scope: body is the better default where this is > 1 for both)")
+    cells = []
+    for model in args.models:
+        x = ratio(find(model, "ours", b, "graphs"), find(model, "ours", b, "body"))
+        cells.append(f"{NAMES[model]} {'-' if x is None else f'{x:.3f}x'}")
+    print(f"  graphs / body, our step at batch {b}: " + ", ".join(cells)
+          + "  (cuda_graphs: on is the better default where this is > 1 for both)")
+    cells = [f"{NAMES[j.model]} {j.scope} b{j.batch}: {j.result['loss']:.4f}"
+             for j in jobs if j.side == "ours" and j.result]
+    print("  final loss of our runs (same seeds and data, so alike across scopes): " + "; ".join(cells))
     if any(j.result and disturbed(j.result) for j in jobs):
         print("  ~ : median step and mean differ by more than 3 %: a disturbed window, rerun that measurement")
 
@@ -823,6 +846,8 @@ def main() -> None:
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--compile-mode", help="torch.compile mode for ours, e.g. max-autotune-no-cudagraphs")
     parser.add_argument("--scope", choices=["blocks", "body"], help="ours: training.compile_scope (compare: both)")
+    parser.add_argument("--cuda-graphs", action="store_true", help="ours, scaling: training.cuda_graphs (compare "
+                        "measures the body with and without)")
     parser.add_argument("--profile", action="store_true", help="compare: profile our step at the same batch")
     parser.add_argument("--profile-steps", type=int, default=0, help="steps profiled after the timed ones "
                         "(compare with --profile: 3)")

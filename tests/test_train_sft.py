@@ -462,6 +462,52 @@ def test_compile_scope_body_only_where_one_graph_may_span_the_blocks():
     assert scope("NO", {"compile_scope": "blocks"}) == "blocks" and scope("NO", {}) == "blocks"
 
 
+def test_cuda_graphs_only_where_one_process_replays_the_whole_step():
+    from types import SimpleNamespace
+
+    def uses(kind, device, **changes):
+        accelerator = SimpleNamespace(distributed_type=SimpleNamespace(name=kind), device=torch.device(device))
+        return trainer.uses_cuda_graphs(accelerator, {"cuda_graphs": True, "compile": True, **changes})
+
+    assert uses("NO", "cuda")
+    assert not uses("NO", "cpu")  # inductor would skip the graphs there anyway
+    assert not any(uses(kind, "cuda") for kind in ("MULTI_GPU", "DEEPSPEED", "FSDP"))
+    assert not uses("NO", "cuda", compile=False) and not uses("NO", "cuda", cuda_graphs=False)
+
+
+def test_cuda_graphs_compile_the_transformer_for_replay_and_every_micro_batch_starts_a_new_replay(monkeypatch):
+    """training.cuda_graphs: the body in reduce-overhead mode (the loss kernel in the default mode), one
+    cudagraph_mark_step_begin per micro-batch (a replay overwrites the outputs of the one before), and the
+    same loss as eager (on CPU inductor runs the graphs' code without recording them)."""
+    from accelerate import Accelerator
+
+    modes, marks = [], []
+    compile_module = torch.nn.Module.compile
+    monkeypatch.setattr(torch.nn.Module, "compile",
+                        lambda self, **kwargs: (modes.append(kwargs.get("mode")), compile_module(self, **kwargs))[1])
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(1))
+    monkeypatch.setattr(ivr_loss, "_chunk_fn", ivr_loss._chunk_fn)
+    model = tiny_lm("llama").train()
+    loss_model = ivr_loss.CausalLMLoss(model, chunk_tokens=12)
+    generator = torch.Generator().manual_seed(2)
+    batches = [{"input_ids": ids, "targets": ids.roll(-1, 1)}
+               for ids in (torch.randint(0, 100, (2, 16), generator=generator) for _ in range(2))]
+    with torch.no_grad():
+        eager_first = loss_model(batches[0]["input_ids"], batches[0]["targets"])
+    torch._dynamo.reset()
+    try:
+        assert ivr_loss.enable_compile(loss_model, scope="body", cuda_graphs=True) == "body"
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        accelerator = Accelerator(cpu=True, gradient_accumulation_steps=2)
+        prepared = trainer.Prepared(loss_model, optimizer, None, None, None, {}, cuda_graphs=True)
+        losses, grad_norm = trainer.optimizer_step(accelerator, prepared, iter(batches), 2, 1.0)
+    finally:
+        torch._dynamo.reset()
+    assert modes == ["reduce-overhead"]
+    assert len(marks) == 2 and len(losses) == 2 and grad_norm is not None
+    assert torch.allclose(losses[0], eager_first, atol=1e-5)
+
+
 def test_deepspeed_config_drops_the_bf16_overflow_scan_unless_the_user_set_it():
     settings = {"grad_clip": 1.0}
     config = {"bf16": {"enabled": True}, "zero_optimization": {"stage": 2, "reduce_bucket_size": "auto"}}

@@ -18,7 +18,7 @@ from ivr.cli import log
 # Settings that change how a run is carried out or reported, not what it computes: they may change
 # between a kill and the rerun without invalidating the checkpoints.
 OPERATIONAL = ("accelerate", "gpus", "nodes", "threads", "control", "serial", "compile", "compile_scope",
-               "loss_chunk_tokens", "log_every", "checkpoint_every", "frozen_check_every", "eval_every",
+               "cuda_graphs", "loss_chunk_tokens", "log_every", "checkpoint_every", "frozen_check_every", "eval_every",
                "eval_documents", "eval_byte_budget", "tensorboard")
 KEEP_CHECKPOINTS = 2
 CHECKPOINT_GLOB = "step-" + "[0-9]" * 7  # complete checkpoints; one being written is step-NNNNNNN.partial

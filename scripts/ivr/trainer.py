@@ -151,6 +151,14 @@ def compile_scope(accelerator, settings: dict) -> str:
     return scope if accelerator.distributed_type.name in ("NO", "MULTI_GPU") else "blocks"
 
 
+def uses_cuda_graphs(accelerator, settings: dict) -> bool:
+    """training.cuda_graphs where it can take effect: compiled, one process, on a CUDA device. Under DDP,
+    DeepSpeed or FSDP the gradient hooks of the backward pass talk to other processes, which a replayed
+    graph would skip."""
+    return bool(settings.get("cuda_graphs") and settings["compile"] and accelerator.device.type == "cuda"
+                and accelerator.distributed_type.name == "NO")
+
+
 @dataclass
 class Prepared:
     """A stage's objects after accelerator.prepare."""
@@ -161,6 +169,7 @@ class Prepared:
     loader: object
     guard: RowGuard | None
     originals: dict[str, torch.Tensor]  # CPU values of the parameters this stage does not train
+    cuda_graphs: bool = False  # the compiled regions replay CUDA graphs (uses_cuda_graphs)
 
 
 def prepare_stage(accelerator, stage: Stage, model, loader, settings: dict, num_rows: int,
@@ -171,8 +180,9 @@ def prepare_stage(accelerator, stage: Stage, model, loader, settings: dict, num_
     trains_rows = any(w.requires_grad for w in weights)
     guard = RowGuard(weights, stage.held_rows, num_rows) if trains_rows and len(stage.held_rows) else None
     originals = {n: p.detach().cpu().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    cuda_graphs = uses_cuda_graphs(accelerator, settings)
     if settings["compile"]:
-        enable_compile(loss_model, compile_mode, compile_scope(accelerator, settings))
+        enable_compile(loss_model, compile_mode, compile_scope(accelerator, settings), cuda_graphs)
     optimizer = torch.optim.AdamW(param_groups(loss_model, settings["weight_decay"]), lr=stage.lr, betas=BETAS,
                                   fused=accelerator.device.type == "cuda")
     warmup = math.ceil(settings["warmup_share"] * stage.steps)
@@ -187,7 +197,7 @@ def prepare_stage(accelerator, stage: Stage, model, loader, settings: dict, num_
         # the head weight is read by CausalLMLoss.forward, outside the head's own forward
         unwrapped = accelerator.unwrap_model(loss_model)
         deepspeed.zero.register_external_parameter(unwrapped, unwrapped.get_output_embeddings().weight)
-    return Prepared(loss_model, optimizer, scheduler, loader, guard, originals)
+    return Prepared(loss_model, optimizer, scheduler, loader, guard, originals, cuda_graphs)
 
 
 def configure_deepspeed(config: dict, settings: dict) -> None:
@@ -213,6 +223,8 @@ def optimizer_step(accelerator, prepared: Prepared, batches, accumulate: int, gr
     model, optimizer = prepared.loss_model, prepared.optimizer
     for _ in range(accumulate):
         batch = next(batches)
+        if prepared.cuda_graphs:  # the graphs' outputs of the last micro-batch are no longer read
+            torch.compiler.cudagraph_mark_step_begin()
         with accelerator.accumulate(model):
             loss = model(batch["input_ids"], batch["targets"])
             accelerator.backward(loss)
