@@ -6,14 +6,15 @@ sequence length 1024. MFU counts 6 * parameters + 12 * layers * width * sequence
 (attention included, as in the PaLM paper) against a peak of 989 TFLOP/s (H100/H200 bf16 dense).
 
   python bench/train_throughput.py --mode compare --profile
-      one GPU, one command (6-7 minutes on an H200; --budget, 360 s, caps the compiles): for GPT-2 and
+      one GPU, one command (8-10 minutes on an H200; --budget, 540 s, caps the compiles): for GPT-2 and
       SmolLM2, the HF Trainer (bf16 + torch_compile) and our step at the same batch (--batch, 16) first,
-      our step compiled by blocks at that batch too (the before/after of training.compile_scope), then
+      our step with CUDA graphs and compiled by blocks at that batch too (the before/after of
+      training.cuda_graphs and training.compile_scope), then
       each side at its best batch (--hf-best, --ours-best), then extras while the budget lasts. Each
       measurement is its own process; up to --concurrency of them compile at once, while the one being
       timed has the GPU to itself (the others are paused with SIGSTOP during its timed steps). Defaults
       here: 10 warm-up steps (the first 2 compiling) and 25 timed steps. --profile adds the GPU kernel
-      time per step of our step at the same batch by kind and by kernel, blocks next to body. The table
+      time per step of our step at the same batch by kind and by kernel, blocks, body and graphs. The table
       comes last.
   python bench/train_throughput.py --mode scaling --config deepspeed_zero2 --gpus 2
       our step on one GPU (config/accelerate/single_gpu.yaml), then on --gpus GPUs under --config,
@@ -859,7 +860,7 @@ def main() -> None:
                         help="compare: our best batch for gpt2,smollm2")
     parser.add_argument("--extras", action=argparse.BooleanOptionalAction, default=True,
                         help="compare: also our step by blocks at the best batch, if the budget allows")
-    parser.add_argument("--budget", type=float, default=360, help="compare: seconds after which no compile "
+    parser.add_argument("--budget", type=float, default=540, help="compare: seconds after which no compile "
                         "starts or continues (timed steps of runs already compiled still finish)")
     parser.add_argument("--concurrency", type=int, default=4, help="compare: processes at once")
     parser.add_argument("--memory-share", type=float, default=0.7, help="compare: share of GPU memory the "
