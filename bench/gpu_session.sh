@@ -62,16 +62,11 @@ stage() {  # stage NAME COMMAND...: run it, log it, mark it done or failed
 extra_run() {  # extra_run NAME SETTING: the IVR model again with one setting changed, and its report
   local name=$1 setting=$2 settings
   settings=$("$PY" - "$setting" "${CONFIGS[@]}" <<'PY'
-import json, os, sys, yaml
+import json, os, sys
 sys.path.insert(0, "scripts")
-from ivr.config import validate_config
-config = {}
-for name in ("config/config.yaml", *sys.argv[2:], "results/tuning/chosen.yaml"):
-    if not os.path.exists(name):
-        continue
-    for key, value in (yaml.safe_load(open(name)) or {}).items():
-        config[key] = {**config.get(key, {}), **value} if isinstance(value, dict) else value
-training = validate_config(config)["training"]
+from ivr.config import read_configs
+chosen = "results/tuning/chosen.yaml"
+training = read_configs([*sys.argv[2:], *([chosen] if os.path.exists(chosen) else [])])["training"]
 training.pop("control_lr")
 key, value = sys.argv[1].split("=")
 training[key] = value if value == "one_pass" else float(value)

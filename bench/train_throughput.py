@@ -51,6 +51,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 
+from ivr.compute import flops_per_token  # noqa: E402
 from ivr.held_rows import full_fp32, full_state  # noqa: E402
 from ivr.modeling import embedding_weights, load_weights  # noqa: E402
 from ivr.packed_data import IGNORE, IndexSampler  # noqa: E402
@@ -85,14 +86,6 @@ def build_model(name: str, untied: bool = False):
     torch.manual_seed(0)
     return AutoModelForCausalLM.from_config(model_config(name, untied), attn_implementation="sdpa",
                                             dtype=torch.float32)
-
-
-def flops_per_token(model, seq: int) -> float:
-    config = model.config
-    layers = getattr(config, "num_hidden_layers", None) or config.n_layer
-    width = getattr(config, "hidden_size", None) or config.n_embd
-    params = sum(p.numel() for p in model.parameters())
-    return 6 * params + 12 * layers * width * seq
 
 
 class RandomBlocks(torch.utils.data.Dataset):
@@ -802,18 +795,14 @@ def run_compare(args) -> None:
                          for model in args.models):
             setting = "compile_scope=body, cuda_graphs" if scope == "graphs" else f"compile_scope={scope}"
             print(f"  same batch {b}, {setting}{' + cd-tuning' if cd else ''}: " + ", ".join(cells))
-    cells = []
-    for model in args.models:
-        x = ratio(find(model, "ours", b, "body"), find(model, "ours", b, "blocks"))
-        cells.append(f"{NAMES[model]} {'-' if x is None else f'{x:.3f}x'}")
-    print(f"  body / blocks, our step at batch {b}: " + ", ".join(cells)
-          + "  (compile_scope: body is the better default where this is > 1 for both)")
-    cells = []
-    for model in args.models:
-        x = ratio(find(model, "ours", b, "graphs"), find(model, "ours", b, "body"))
-        cells.append(f"{NAMES[model]} {'-' if x is None else f'{x:.3f}x'}")
-    print(f"  graphs / body, our step at batch {b}: " + ", ".join(cells)
-          + "  (cuda_graphs: on is the better default where this is > 1 for both)")
+    # bench/gpu_session.sh reads these two lines to choose training.compile_scope and training.cuda_graphs
+    for after, before, advice in (("body", "blocks", "compile_scope: body"), ("graphs", "body", "cuda_graphs: on")):
+        cells = []
+        for model in args.models:
+            x = ratio(find(model, "ours", b, after), find(model, "ours", b, before))
+            cells.append(f"{NAMES[model]} {'-' if x is None else f'{x:.3f}x'}")
+        print(f"  {after} / {before}, our step at batch {b}: " + ", ".join(cells)
+              + f"  ({advice} is the better default where this is > 1 for both)")
     cells = [f"{NAMES[j.model]} {j.scope} b{j.batch}: {j.result['loss']:.4f}"
              for j in jobs if j.side == "ours" and j.result]
     print("  final loss of our runs (same seeds and data, so alike across scopes): " + "; ".join(cells))

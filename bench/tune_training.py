@@ -38,22 +38,9 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from ivr.config import validate_config  # noqa: E402
+from ivr.config import read_configs  # noqa: E402
 
 GRID = (3e-4, 6e-4, 1.2e-3)
-
-
-def merged_config(files: list[str]) -> dict:
-    """config/config.yaml and then each --configfile, merged as Snakemake merges them, validated."""
-    def merge(base: dict, over: dict) -> dict:
-        for key, value in over.items():
-            base[key] = merge(base.get(key, {}), value) if isinstance(value, dict) and isinstance(base.get(key), dict) else value
-        return base
-
-    config: dict = {}
-    for name in ["config/config.yaml", *files]:
-        merge(config, yaml.safe_load(Path(name).read_text(encoding="utf-8")) or {})
-    return validate_config(config, source=" + ".join(["config/config.yaml", *files]))
 
 
 def base_model(config: dict) -> str:
@@ -174,7 +161,7 @@ def main() -> None:
     global GRID
     if args.grid:
         GRID = tuple(sorted(args.grid))
-    config = merged_config(args.configfile)
+    config = read_configs(args.configfile)
     args.out.mkdir(parents=True, exist_ok=True)
     began = time.perf_counter()
     data = pack_reduced(config, args.share, args.out)

@@ -106,6 +106,21 @@ def validate_config(config: dict, source: str = "config", schema_path: Path = SC
     return config
 
 
+def read_configs(files: list[str]) -> dict:
+    """config/config.yaml and then each of `files`, merged key by key as Snakemake merges --configfile
+    values, validated."""
+    def merge(base: dict, over: dict) -> dict:
+        for key, value in over.items():
+            base[key] = merge(base.get(key, {}), value) if isinstance(value, dict) and isinstance(base.get(key), dict) else value
+        return base
+
+    config: dict = {}
+    names = ["config/config.yaml", *files]
+    for name in names:
+        merge(config, yaml.safe_load(Path(name).read_text(encoding="utf-8")) or {})
+    return validate_config(config, source=" + ".join(names))
+
+
 def check_input_paths(config: dict, source: str = "config", root: str | Path = ".", files: ConfigSources = None) -> None:
     """Every input path the user names must exist before any job runs; UserError naming the key otherwise.
 
