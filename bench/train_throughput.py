@@ -10,7 +10,10 @@ sequence length 1024. MFU counts 6 * parameters + 12 * layers * width * sequence
       SmolLM2, the HF Trainer (bf16 + torch_compile) and our step at the same batch (--batch, 16) first,
       our step with CUDA graphs and compiled by blocks at that batch too (the before/after of
       training.cuda_graphs and training.compile_scope), then
-      each side at its best batch (--hf-best, --ours-best), then extras while the budget lasts. Each
+      each side at its best batch (--hf-best, --ours-best), then extras while the budget lasts.
+      --scopes picks our compiled variants at the same batch (body,graphs,blocks); --levers adds our step
+      with CUDA graphs plus inductor settings or an attention backend (e.g. flash,cd-tuned,autotuned, or
+      several joined by +), each profiled with --profile, those that autotune started first. Each
       measurement is its own process; up to --concurrency of them compile at once, while the one being
       timed has the GPU to itself (the others are paused with SIGSTOP during its timed steps). Defaults
       here: 10 warm-up steps (the first 2 compiling) and 25 timed steps. --profile adds the GPU kernel
@@ -245,8 +248,7 @@ def run_ours(args) -> None:
                  f"loss_chunk_tokens={args.chunk}", "weight_decay=0.1", "warmup_share=0"]
     if args.scope:
         overrides.append(f"compile_scope={args.scope}")
-    if args.cuda_graphs:
-        overrides.append("cuda_graphs=true")
+    overrides.append(f"cuda_graphs={str(args.cuda_graphs).lower()}")
     settings = resolve_settings({}, overrides, validate=False)
     accelerator = make_accelerator(settings)
     with whole_models(accelerator):
@@ -296,7 +298,7 @@ def run_ours(args) -> None:
         timing = timer.record(args.steps, args.batch * SEQ * world)
         result({"mode": "ours", "model": args.model, "batch": args.batch, "gpus": world,
                 "distributed": accelerator.distributed_type.name, "compile": args.compile, "scope": scope,
-                "cd_tuning": args.cd_tuning,
+                "cd_tuning": args.cd_tuning, "attention": args.attention, "compile_mode": args.compile_mode,
                 **timing, "mfu": timing["tokens_per_s"] / world * flops / PEAK_FLOPS, "loss": float(losses[-1]),
                 "peak_memory_gib": peak_memory_gib(), **environment(), "profile": profile})
 
@@ -399,8 +401,13 @@ def spawn(command: list[str]) -> dict:
     return json.loads(lines[-1][len("RESULT "):])
 
 
+# Levers tried beside the default at the same batch (compare's extras): what each adds to our command line.
+LEVERS = {"flash": ["--attention", "flash"],
+          "autotuned": ["--compile-mode", "max-autotune-no-cudagraphs"], "cd-tuned": ["--cd-tuning"]}
+
+
 def own(args, mode: str, model: str, batch: int, scope: str | None = None, profile_steps: int = 0,
-        handshake: bool = False, cd_tuning: bool = False) -> list[str]:
+        handshake: bool = False, lever: str | None = None) -> list[str]:
     """The command line of one measurement; scope "graphs" is the body with training.cuda_graphs."""
     scope = scope or args.scope
     graphs = scope == "graphs" or args.cuda_graphs
@@ -414,7 +421,8 @@ def own(args, mode: str, model: str, batch: int, scope: str | None = None, profi
             + (["--attention", args.attention] if args.attention != "default" and mode == "ours" else [])
             + (["--profile-steps", str(profile_steps)] if profile_steps else [])
             + (["--handshake"] if handshake else [])
-            + (["--cd-tuning"] if (cd_tuning or args.cd_tuning) and mode == "ours" else []))
+            + (["--cd-tuning"] if args.cd_tuning and mode == "ours" else [])
+            + ([flag for name in lever.split("+") for flag in LEVERS[name]] if lever and mode == "ours" else []))
 
 
 def describe(name: str, r: dict, anchor: dict | None = None) -> str:
@@ -461,7 +469,7 @@ class Job:
     scope: str | None = None  # ours: body | blocks | graphs
     section: str = "same"  # same: at the same batch; best: each side's best batch; extra
     profile_steps: int = 0
-    cd_tuning: bool = False  # ours: inductor's coordinate-descent tuning of its kernels' block sizes
+    lever: str | None = None  # ours: one of LEVERS on top of the scope
     alone: bool = False  # ran out of GPU memory next to others: again, alone
     state: str = "pending"  # pending -> compiling -> ready -> measuring -> done
     paused: bool = False
@@ -478,7 +486,7 @@ class Job:
     @property
     def label(self) -> str:
         return (f"{self.model} {self.side}{' ' + self.scope if self.scope else ''} b{self.batch}"
-                + (" cd-tuned" if self.cd_tuning else ""))
+                + (f" {self.lever}" if self.lever else ""))
 
     @property
     def gib(self) -> float:
@@ -486,26 +494,28 @@ class Job:
 
 
 def compare_jobs(args) -> list[Job]:
-    """In order of importance (the order they start in): the same-batch pairs, our step with CUDA graphs
-    and by blocks at the same batch, each side at its best batch, then extras."""
+    """In the order they start in: our step with levers that compile slowly (autotuning), the same-batch
+    pairs (the HF Trainer and our step by --scopes), our step with the other --levers, each side at its best
+    batch, then extras. Our runs at the same batch are profiled with --profile."""
     hf_best, ours_best = dict(zip(MODELS, args.hf_best)), dict(zip(MODELS, args.ours_best))
     profile = args.profile_steps if args.profile else 0
-    jobs = []
+    levers = [Job(model, "ours", args.batch, "graphs", lever=lever, profile_steps=profile)
+              for lever in args.levers for model in args.models]
+    slow = [job for job in levers if "autotuned" in job.lever.split("+")]
+    jobs = list(slow)
     for model in args.models:
-        jobs += [Job(model, "hf", args.batch), Job(model, "ours", args.batch, "body", profile_steps=profile)]
-    for model in args.models:
-        jobs.append(Job(model, "ours", args.batch, "graphs", profile_steps=profile))
-    for model in args.models:
-        jobs.append(Job(model, "ours", args.batch, "blocks", profile_steps=profile))
+        jobs.append(Job(model, "hf", args.batch))
+        jobs += [Job(model, "ours", args.batch, scope, profile_steps=profile) for scope in args.scopes[:1]]
+    for scope in args.scopes[1:]:
+        jobs += [Job(model, "ours", args.batch, scope, profile_steps=profile) for model in args.models]
+    jobs += [job for job in levers if job not in slow]
     for model in args.models:
         if hf_best[model] != args.batch:
             jobs.append(Job(model, "hf", hf_best[model], section="best"))
         if ours_best[model] != args.batch:
-            jobs.append(Job(model, "ours", ours_best[model], "body", section="best"))
-            jobs.append(Job(model, "ours", ours_best[model], "graphs", section="best"))
-    if args.extras:  # GPT-2 (furthest from 1.5x) first
+            jobs += [Job(model, "ours", ours_best[model], scope, section="best") for scope in ("body", "graphs")]
+    if args.extras:
         for model in args.models:
-            jobs.append(Job(model, "ours", args.batch, "body", section="extra", cd_tuning=True))
             if ours_best[model] != args.batch:
                 jobs.append(Job(model, "ours", ours_best[model], "blocks", section="extra"))
     return jobs
@@ -555,7 +565,7 @@ class Scheduler:
                "TRITON_CACHE_DIR": str(cache / "triton")}
         env.setdefault("TORCHINDUCTOR_COMPILE_THREADS", str(max(2, (os.cpu_count() or 8) // self.args.concurrency)))
         argv = own(self.args, job.side, job.model, job.batch, job.scope, job.profile_steps, handshake=True,
-                   cd_tuning=job.cd_tuning)
+                   lever=job.lever)
         job.stderr = cache / "stderr.txt"
         with open(job.stderr, "w") as err:
             job.proc = subprocess.Popen([sys.executable, *argv], cwd=ROOT, env=env, stdin=subprocess.PIPE,
@@ -707,7 +717,7 @@ def table_row(job: Job, anchor: Job | None) -> str:
         run = SCOPE_NAMES.get(r.get("scope", job.scope), f"ours ({job.scope})")
         if r.get("scope") == "eager":
             run = f"ours ({job.scope}, eager)"
-        run = run[:-1] + ", cd-tuned)" if job.cd_tuning else run
+        run = run[:-1] + f", {job.lever})" if job.lever else run
     head = f"  {NAMES[job.model]:<13} {run:<25} {job.batch:>5}"
     if not job.result:
         return f"{head}  {job.error or 'not run'}"
@@ -717,34 +727,37 @@ def table_row(job: Job, anchor: Job | None) -> str:
 
 
 def print_profiles(jobs: list[Job]) -> None:
-    """Before/after: our step at the same batch compiled by blocks, as one body and with CUDA graphs,
-    kernel time by kind."""
+    """Before/after: our step at the same batch compiled by blocks, as one body, with CUDA graphs and with
+    each lever, kernel time by kind."""
     for model in MODELS:
-        pair = {j.scope: j for j in jobs if j.model == model and j.section == "same" and j.side == "ours"
-                and j.result and j.result.get("profile")}
-        for scope, job in list(pair.items()):
-            if "error" in job.result["profile"]:
-                print(f"\nPROFILE {job.label} failed: {job.result['profile']['error']}")
-                del pair[scope]
-        if not pair:
+        runs = {}
+        for job in jobs:
+            if job.model == model and job.section == "same" and job.side == "ours" and job.result \
+                    and job.result.get("profile"):
+                name = job.scope + (f"+{job.lever}" if job.lever else "")
+                if "error" in job.result["profile"]:
+                    print(f"\nPROFILE {job.label} failed: {job.result['profile']['error']}")
+                else:
+                    runs[name] = job
+        if not runs:
             continue
-        scopes = [s for s in SCOPES if s in pair]
-        profiles = {s: pair[s].result["profile"] for s in scopes}
+        names = sorted(runs, key=lambda n: (SCOPES.index(runs[n].scope), n))
+        profiles = {n: runs[n].result["profile"] for n in names}
         kinds = sorted({k for p in profiles.values() for k in p["kinds"]},
                        key=lambda k: -max(p["kinds"].get(k, 0) for p in profiles.values()))
-        batch = pair[scopes[0]].batch
-        print(f"\nPROFILE {NAMES[model]} b{batch}, our step: GPU kernel ms per step (share), "
+        width = max(17, *(len(n) + 2 for n in names))
+        print(f"\nPROFILE {NAMES[model]} b{runs[names[0]].batch}, our step: GPU kernel ms per step (share), "
               f"{next(iter(profiles.values()))['steps']} steps under torch.profiler")
-        print(f"  {'kind':<20}" + "".join(f"{s:>17}" for s in scopes))
+        print(f"  {'kind':<20}" + "".join(f"{n:>{width}}" for n in names))
         for kind in kinds:
-            cells = "".join(f"{p['kinds'].get(kind, 0):10.2f} "
+            cells = "".join(f"{p['kinds'].get(kind, 0):{width - 7}.2f} "
                             f"({100 * p['kinds'].get(kind, 0) / max(p['kernel_ms'], 1e-9):3.0f}%)"
                             for p in profiles.values())
             print(f"  {kind:<20}{cells}")
-        print(f"  {'all kernels':<20}" + "".join(f"{p['kernel_ms']:10.2f}{'':7}" for p in profiles.values()))
-        print(f"  {'wall, profiler on':<20}" + "".join(f"{p['wall_ms']:10.2f}{'':7}" for p in profiles.values()))
-        for scope, p in profiles.items():
-            print(f"  top kernels, {scope}: " + "; ".join(f"{name} {ms:.2f}" for name, ms in p["top"][:6]))
+        print(f"  {'all kernels':<20}" + "".join(f"{p['kernel_ms']:{width - 7}.2f}{'':7}" for p in profiles.values()))
+        print(f"  {'wall, profiler on':<20}" + "".join(f"{p['wall_ms']:{width - 7}.2f}{'':7}" for p in profiles.values()))
+        for name, p in profiles.items():
+            print(f"  top kernels, {name}: " + "; ".join(f"{k} {ms:.2f}" for k, ms in p["top"][:6]))
 
 
 def run_compare(args) -> None:
@@ -758,8 +771,8 @@ def run_compare(args) -> None:
     print_profiles(jobs)
     env = next((j.result for j in jobs if j.result), {})
 
-    def find(model, side, batch, scope=None, cd_tuning=False):
-        return next((j for j in jobs if (j.model, j.side, j.batch, j.cd_tuning) == (model, side, batch, cd_tuning)
+    def find(model, side, batch, scope=None, lever=None):
+        return next((j for j in jobs if (j.model, j.side, j.batch, j.lever) == (model, side, batch, lever)
                      and (side == "hf" or j.scope == scope)), None)
 
     hf_best, ours_best = dict(zip(MODELS, args.hf_best)), dict(zip(MODELS, args.ours_best))
@@ -774,7 +787,7 @@ def run_compare(args) -> None:
     for model in args.models:
         hf = find(model, "hf", b)
         for job in (hf, find(model, "ours", b, "body"), find(model, "ours", b, "graphs"),
-                    find(model, "ours", b, "blocks"), find(model, "ours", b, "body", cd_tuning=True)):
+                    find(model, "ours", b, "blocks"), *(find(model, "ours", b, "graphs", l) for l in args.levers)):
             if job is not None:
                 print(table_row(job, None if job is hf else hf))
     print("BEST BATCH OF EACH (labelled; not the same-batch figure): ours vs HF, each at its own batch")
@@ -785,16 +798,16 @@ def run_compare(args) -> None:
             if job is not None:
                 print(table_row(job, None if job is hf else hf))
     print("SUMMARY")
-    for scope, cd in (("body", False), ("graphs", False), ("blocks", False), ("body", True)):
+    for scope, lever in (*((s, None) for s in SCOPES), *(("graphs", l) for l in args.levers)):
         cells = []
         for model in args.models:
-            x = ratio(find(model, "ours", b, scope, cd), find(model, "hf", b))
+            x = ratio(find(model, "ours", b, scope, lever), find(model, "hf", b))
             cells.append(f"{NAMES[model]} {'-' if x is None else f'{x:.2f}x'}" + ("" if x is None else
                          (" (>= 1.5)" if x >= 1.5 else " (< 1.5)")))
-        if not cd or any(find(model, "ours", b, scope, cd) and find(model, "ours", b, scope, cd).result
-                         for model in args.models):
+        if not lever or any(find(model, "ours", b, scope, lever) and find(model, "ours", b, scope, lever).result
+                            for model in args.models):
             setting = "compile_scope=body, cuda_graphs" if scope == "graphs" else f"compile_scope={scope}"
-            print(f"  same batch {b}, {setting}{' + cd-tuning' if cd else ''}: " + ", ".join(cells))
+            print(f"  same batch {b}, {setting}{' + ' + lever if lever else ''}: " + ", ".join(cells))
     # bench/gpu_session.sh reads these two lines to choose training.compile_scope and training.cuda_graphs
     for after, before, advice in (("body", "blocks", "compile_scope: body"), ("graphs", "body", "cuda_graphs: on")):
         cells = []
@@ -803,7 +816,7 @@ def run_compare(args) -> None:
             cells.append(f"{NAMES[model]} {'-' if x is None else f'{x:.3f}x'}")
         print(f"  {after} / {before}, our step at batch {b}: " + ", ".join(cells)
               + f"  ({advice} is the better default where this is > 1 for both)")
-    cells = [f"{NAMES[j.model]} {j.scope} b{j.batch}: {j.result['loss']:.4f}"
+    cells = [f"{NAMES[j.model]} {j.scope}{' ' + j.lever if j.lever else ''} b{j.batch}: {j.result['loss']:.4f}"
              for j in jobs if j.side == "ours" and j.result]
     print("  final loss of our runs (same seeds and data, so alike across scopes): " + "; ".join(cells))
     if any(j.result and disturbed(j.result) for j in jobs):
@@ -847,6 +860,12 @@ def main() -> None:
                         help="compare: the HF Trainer's best batch for gpt2,smollm2")
     parser.add_argument("--ours-best", type=lambda text: [int(x) for x in text.split(",")], default=[64, 64],
                         help="compare: our best batch for gpt2,smollm2")
+    parser.add_argument("--scopes", type=lambda text: text.split(","), default=["body", "graphs", "blocks"],
+                        help="compare: our step at the same batch compiled this way, the first beside each HF run: "
+                        "body,graphs,blocks (graphs: body with training.cuda_graphs)")
+    parser.add_argument("--levers", type=lambda text: [t for t in text.split(",") if t], default=[],
+                        help=f"compare: our step with CUDA graphs plus each lever, a lever being +-joined names "
+                        f"from {','.join(LEVERS)} (e.g. flash+cd-tuned)")
     parser.add_argument("--extras", action=argparse.BooleanOptionalAction, default=True,
                         help="compare: also our step by blocks at the best batch, if the budget allows")
     parser.add_argument("--budget", type=float, default=540, help="compare: seconds after which no compile "
@@ -883,6 +902,10 @@ def main() -> None:
         parser.error("--compile-steps must be between 1 and --warmup")
     if any(m not in MODELS for m in args.models):
         parser.error(f"--models: choose from {','.join(MODELS)}")
+    if any(scope not in SCOPES for scope in args.scopes):
+        parser.error(f"--scopes: choose from {','.join(SCOPES)}")
+    if any(name not in LEVERS for lever in args.levers for name in lever.split("+")):
+        parser.error(f"--levers: +-joined names from {','.join(LEVERS)}")
     set_seq(args.seq)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     {"compare": run_compare, "scaling": run_scaling, "ours": run_ours, "hf": run_hf, "frozen": run_frozen}[args.mode](args)
