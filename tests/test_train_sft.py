@@ -473,12 +473,13 @@ def test_cuda_graphs_only_where_one_process_replays_the_whole_step():
     assert not uses("NO", "cpu")  # inductor would skip the graphs there anyway
     assert not any(uses(kind, "cuda") for kind in ("MULTI_GPU", "DEEPSPEED", "FSDP"))
     assert not uses("NO", "cuda", compile=False) and not uses("NO", "cuda", cuda_graphs=False)
+    assert uses("NO", "cuda", gradient_accumulation=1) and not uses("NO", "cuda", gradient_accumulation=2)
 
 
-def test_cuda_graphs_compile_the_transformer_for_replay_and_every_micro_batch_starts_a_new_replay(monkeypatch):
+def test_cuda_graphs_compile_the_transformer_for_replay_and_every_step_starts_a_new_replay(monkeypatch):
     """training.cuda_graphs: the body in reduce-overhead mode (the loss kernel in the default mode), one
-    cudagraph_mark_step_begin per micro-batch (a replay overwrites the outputs of the one before), and the
-    same loss as eager (on CPU inductor runs the graphs' code without recording them)."""
+    cudagraph_mark_step_begin per step (a replay overwrites the outputs of the one before), and the same
+    loss as eager (on CPU inductor runs the graphs' code without recording them)."""
     from accelerate import Accelerator
 
     modes, marks = [], []
@@ -498,12 +499,18 @@ def test_cuda_graphs_compile_the_transformer_for_replay_and_every_micro_batch_st
     try:
         assert ivr_loss.enable_compile(loss_model, scope="body", cuda_graphs=True) == "body"
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-        accelerator = Accelerator(cpu=True, gradient_accumulation_steps=2)
+        accelerator = Accelerator(cpu=True)
         prepared = trainer.Prepared(loss_model, optimizer, None, None, None, {}, cuda_graphs=True)
-        losses, grad_norm = trainer.optimizer_step(accelerator, prepared, iter(batches), 2, 1.0)
+        batch_iter = iter(batches)
+        losses, grad_norm = trainer.optimizer_step(accelerator, prepared, batch_iter, 1, 1.0)
+        losses += trainer.optimizer_step(accelerator, prepared, batch_iter, 1, 1.0)[0]
     finally:
         torch._dynamo.reset()
     assert modes == ["reduce-overhead"]
+    ivr_loss.enable_compile(ivr_loss.CausalLMLoss(tiny_lm("llama"), chunk_tokens=12), "max-autotune-no-cudagraphs",
+                            scope="body", cuda_graphs=True)
+    torch._dynamo.reset()
+    assert modes[1:] == ["max-autotune"]  # the mode asked for, with graphs (bench/train_throughput.py --levers)
     assert len(marks) == 2 and len(losses) == 2 and grad_norm is not None
     assert torch.allclose(losses[0], eager_first, atol=1e-5)
 

@@ -224,7 +224,10 @@ def enable_compile(loss_model: CausalLMLoss, mode: str | None = None, scope: str
     if scope == "body":
         register_causal_sdpa()
         loss_model.causal_attention = True
+    region_mode = mode
+    if cuda_graphs:  # the same compile mode, with CUDA graphs
+        region_mode = "max-autotune" if mode and mode.startswith("max-autotune") else "reduce-overhead"
     for region in compiled_regions(lm, scope):
-        region.compile(mode="reduce-overhead" if cuda_graphs else mode)
+        region.compile(mode=region_mode)
     _chunk_fn = torch.compile(_chunk_loss_and_grads, dynamic=False, mode=mode)
     return scope

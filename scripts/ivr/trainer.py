@@ -152,11 +152,14 @@ def compile_scope(accelerator, settings: dict) -> str:
 
 
 def uses_cuda_graphs(accelerator, settings: dict) -> bool:
-    """training.cuda_graphs where it can take effect: compiled, one process, on a CUDA device. Under DDP,
-    DeepSpeed or FSDP the gradient hooks of the backward pass talk to other processes, which a replayed
-    graph would skip."""
+    """training.cuda_graphs where it can take effect: compiled, one process, on a CUDA device, one
+    micro-batch per optimizer step. Under DDP, DeepSpeed or FSDP the gradient hooks of the backward pass
+    talk to other processes, which a replayed graph would skip. With gradient accumulation the gradients a
+    replayed backward hands to the parameters live in the graph's memory, which the next micro-batch's
+    replay overwrites before they are added to (seen on an H200: "accessing tensor output of CUDAGraphs
+    that has been overwritten by a subsequent run")."""
     return bool(settings.get("cuda_graphs") and settings["compile"] and accelerator.device.type == "cuda"
-                and accelerator.distributed_type.name == "NO")
+                and accelerator.distributed_type.name == "NO" and settings.get("gradient_accumulation", 1) == 1)
 
 
 @dataclass
