@@ -467,13 +467,16 @@ def test_cuda_graphs_only_where_one_process_replays_the_whole_step():
 
     def uses(kind, device, **changes):
         accelerator = SimpleNamespace(distributed_type=SimpleNamespace(name=kind), device=torch.device(device))
-        return trainer.uses_cuda_graphs(accelerator, {"cuda_graphs": True, "compile": True, **changes})
+        return trainer.cuda_graphs_off(accelerator, {"cuda_graphs": True, "compile": True, **changes}) is None
 
     assert uses("NO", "cuda")
     assert not uses("NO", "cpu")  # inductor would skip the graphs there anyway
     assert not any(uses(kind, "cuda") for kind in ("MULTI_GPU", "DEEPSPEED", "FSDP"))
     assert not uses("NO", "cuda", compile=False) and not uses("NO", "cuda", cuda_graphs=False)
     assert uses("NO", "cuda", gradient_accumulation=1) and not uses("NO", "cuda", gradient_accumulation=2)
+    accelerator = SimpleNamespace(distributed_type=SimpleNamespace(name="NO"), device=torch.device("cuda"))
+    why = trainer.cuda_graphs_off(accelerator, {"cuda_graphs": True, "compile": True, "gradient_accumulation": 4})
+    assert "gradient_accumulation" in why  # what the training log says when graphs were asked for
 
 
 def test_cuda_graphs_compile_the_transformer_for_replay_and_every_step_starts_a_new_replay(monkeypatch):

@@ -16,7 +16,7 @@ import torch
 
 from ivr import tracking
 from ivr.checkpoints import Checkpoints, StopRequest, TrainingStopped
-from ivr.cli import UserError
+from ivr.cli import UserError, log
 from ivr.dev_eval import DevEval
 from ivr.held_rows import RowGuard, is_deepspeed
 from ivr.loss import CausalLMLoss, enable_compile
@@ -151,15 +151,24 @@ def compile_scope(accelerator, settings: dict) -> str:
     return scope if accelerator.distributed_type.name in ("NO", "MULTI_GPU") else "blocks"
 
 
-def uses_cuda_graphs(accelerator, settings: dict) -> bool:
-    """training.cuda_graphs where it can take effect: compiled, one process, on a CUDA device, one
-    micro-batch per optimizer step. Under DDP, DeepSpeed or FSDP the gradient hooks of the backward pass
-    talk to other processes, which a replayed graph would skip. With gradient accumulation the gradients a
-    replayed backward hands to the parameters live in the graph's memory, which the next micro-batch's
-    replay overwrites before they are added to (seen on an H200: "accessing tensor output of CUDAGraphs
-    that has been overwritten by a subsequent run")."""
-    return bool(settings.get("cuda_graphs") and settings["compile"] and accelerator.device.type == "cuda"
-                and accelerator.distributed_type.name == "NO" and settings.get("gradient_accumulation", 1) == 1)
+def cuda_graphs_off(accelerator, settings: dict) -> str | None:
+    """Why training.cuda_graphs does not take effect here, or None where it does: compiled, one process, on
+    a CUDA device, one micro-batch per optimizer step. Under DDP, DeepSpeed or FSDP the gradient hooks of
+    the backward pass talk to other processes, which a replayed graph would skip. With gradient
+    accumulation the gradients a replayed backward hands to the parameters live in the graphs' memory,
+    which the next micro-batch's replay overwrites before they are added to (seen on an H200: "accessing
+    tensor output of CUDAGraphs that has been overwritten by a subsequent run")."""
+    if not settings.get("cuda_graphs"):
+        return "training.cuda_graphs is false"
+    if not settings["compile"]:
+        return "training.compile is false"
+    if accelerator.device.type != "cuda":
+        return "not on a CUDA device"
+    if accelerator.distributed_type.name != "NO":
+        return f"more than one process ({accelerator.distributed_type.name})"
+    if settings.get("gradient_accumulation", 1) != 1:
+        return "gradient_accumulation is above 1 (a replay would overwrite the micro-batch before's gradients)"
+    return None
 
 
 @dataclass
@@ -172,7 +181,7 @@ class Prepared:
     loader: object
     guard: RowGuard | None
     originals: dict[str, torch.Tensor]  # CPU values of the parameters this stage does not train
-    cuda_graphs: bool = False  # the compiled regions replay CUDA graphs (uses_cuda_graphs)
+    cuda_graphs: bool = False  # the compiled regions replay CUDA graphs (cuda_graphs_off)
 
 
 def prepare_stage(accelerator, stage: Stage, model, loader, settings: dict, num_rows: int,
@@ -183,7 +192,10 @@ def prepare_stage(accelerator, stage: Stage, model, loader, settings: dict, num_
     trains_rows = any(w.requires_grad for w in weights)
     guard = RowGuard(weights, stage.held_rows, num_rows) if trains_rows and len(stage.held_rows) else None
     originals = {n: p.detach().cpu().clone() for n, p in model.named_parameters() if not p.requires_grad}
-    cuda_graphs = uses_cuda_graphs(accelerator, settings)
+    why_not = cuda_graphs_off(accelerator, settings)
+    if why_not and settings.get("cuda_graphs") and accelerator.device.type == "cuda":
+        log.info("CUDA graphs off: %s", why_not)
+    cuda_graphs = why_not is None
     if settings["compile"]:
         enable_compile(loss_model, compile_mode, compile_scope(accelerator, settings), cuda_graphs)
     optimizer = torch.optim.AdamW(param_groups(loss_model, settings["weight_decay"]), lr=stage.lr, betas=BETAS,
