@@ -155,9 +155,9 @@ def cuda_graphs_off(accelerator, settings: dict) -> str | None:
     """Why training.cuda_graphs does not take effect here, or None where it does: compiled, one process, on
     a CUDA device, one micro-batch per optimizer step. Under DDP, DeepSpeed or FSDP the gradient hooks of
     the backward pass talk to other processes, which a replayed graph would skip. With gradient
-    accumulation the gradients a replayed backward hands to the parameters live in the graphs' memory,
-    which the next micro-batch's replay overwrites before they are added to (seen on an H200: "accessing
-    tensor output of CUDAGraphs that has been overwritten by a subsequent run")."""
+    accumulation, training on an H200 stopped with "accessing tensor output of CUDAGraphs that has been
+    overwritten by a subsequent run": most likely a replayed backward's gradients, which live in the
+    graphs' memory, reused by the next micro-batch's replay before the two are added."""
     if not settings.get("cuda_graphs"):
         return "training.cuda_graphs is false"
     if not settings["compile"]:
