@@ -798,7 +798,7 @@ def run_compare(args) -> None:
             if job is not None:
                 print(table_row(job, None if job is hf else hf))
     print("SUMMARY")
-    for scope, lever in (*((s, None) for s in SCOPES), *(("graphs", l) for l in args.levers)):
+    for scope, lever in (*((s, None) for s in args.scopes), *(("graphs", l) for l in args.levers)):
         cells = []
         for model in args.models:
             x = ratio(find(model, "ours", b, scope, lever), find(model, "hf", b))
