@@ -412,6 +412,38 @@ def test_compiled_body_runs_attention_causal_without_a_mask_and_leaves_evaluatio
     assert calls and not any(no_mask for no_mask, _ in calls)
 
 
+@pytest.mark.parametrize("scope", ["blocks", "body"])
+def test_compiled_training_draws_the_eager_dropout(monkeypatch, scope):
+    """With dropout on (GPT-2's 0.1 everywhere), the compiled step takes its random numbers from the
+    generator eager training uses (inductor's fallback_random, which enable_compile sets because it is
+    also faster on GPU): same seed, same masks, so the same loss and gradients as eager."""
+    import torch._inductor.config
+
+    monkeypatch.setattr(torch._inductor.config, "fallback_random", False)
+    model = tiny_lm("gpt2").train()
+    loss_model = ivr_loss.CausalLMLoss(model, chunk_tokens=12)
+    ids = torch.randint(0, 100, (2, 16), generator=torch.Generator().manual_seed(1))
+    targets = ids.roll(-1, 1)
+    targets[:, -1] = -100
+    torch.manual_seed(5)
+    eager_loss = loss_model(ids, targets)
+    eager_grads = torch.autograd.grad(eager_loss, list(model.parameters()))
+    torch.manual_seed(6)
+    other_seed = loss_model(ids, targets).detach()
+    spy_on_sdpa(monkeypatch)  # undoes enable_compile's replacement of the loss kernel afterwards
+    torch._dynamo.reset()
+    try:
+        ivr_loss.enable_compile(loss_model, scope=scope)
+        torch.manual_seed(5)
+        compiled_loss = loss_model(ids, targets)
+        compiled_grads = torch.autograd.grad(compiled_loss, list(model.parameters()))
+    finally:
+        torch._dynamo.reset()
+    assert abs(other_seed - eager_loss) > 1e-3  # dropout is on: another seed gives another loss
+    assert torch.allclose(compiled_loss, eager_loss, atol=1e-6)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(compiled_grads, eager_grads))
+
+
 def test_held_rows_get_no_gradient_from_a_body_compiled_whole(monkeypatch):
     """The row guard's gradient hook (registered before compiling, as prepare_stage does) still zeroes the
     held rows when the embedding's gradient comes out of the compiled body (tied head: two uses)."""
