@@ -307,6 +307,33 @@ def test_first_loss_far_above_uniform_is_named():
     assert "ln(vocab)" in warning and "padding" in warning and "initialisation" in warning
 
 
+@pytest.mark.parametrize("max_norm", [1.0, 1e6])
+def test_clipping_inside_the_fused_adamw_step_equals_clipping_first(max_norm):
+    """prepare_stage's path for a fused AdamW (on GPU): the step divides the gradients by
+    max(norm / max_norm, 1) itself. Same norm, optimizer state and weights as clip_grad_norm_ then the
+    step, over steps whose gradients are far above the limit (clipped) or far below it (left alone)."""
+    torch.manual_seed(0)
+    shapes = [(300, 7), (7,), (5, 3, 2)]
+    clipped_first = [torch.nn.Parameter(torch.randn(shape)) for shape in shapes]
+    in_step = [torch.nn.Parameter(p.detach().clone()) for p in clipped_first]
+    unclipped = [torch.nn.Parameter(p.detach().clone()) for p in clipped_first]
+    optimizers = [torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.1, fused=True)
+                  for ps in (clipped_first, in_step, unclipped)]
+    for step in range(3):
+        for group in zip(clipped_first, in_step, unclipped):
+            grad = torch.randn_like(group[0]) * 10 ** step
+            for p in group:
+                p.grad = grad.clone()
+        norm = torch.nn.utils.clip_grad_norm_(clipped_first, max_norm)
+        assert torch.allclose(trainer.clip_in_optimizer_step(optimizers[1], in_step, max_norm), norm)
+        for optimizer in optimizers:
+            optimizer.step()
+    for a, b, c in zip(clipped_first, in_step, unclipped):
+        first, inside, plain = (optimizers[i].state[p]["exp_avg"] for i, p in enumerate((a, b, c)))
+        assert torch.allclose(inside, first, rtol=1e-5, atol=1e-9) and torch.allclose(b, a, rtol=1e-5, atol=1e-7)
+        assert torch.allclose(plain, first) == (max_norm > 1e3)  # the limit was applied only where exceeded
+
+
 def test_chunked_loss_matches_full_cross_entropy():
     torch.manual_seed(0)
     hidden = torch.randn(50, 16, requires_grad=True)

@@ -182,6 +182,7 @@ class Prepared:
     guard: RowGuard | None
     originals: dict[str, torch.Tensor]  # CPU values of the parameters this stage does not train
     cuda_graphs: bool = False  # the compiled regions replay CUDA graphs (cuda_graphs_off)
+    clip_in_step: bool = False  # gradients clipped inside the fused AdamW step (clip_in_optimizer_step)
 
 
 def prepare_stage(accelerator, stage: Stage, model, loader, settings: dict, num_rows: int,
@@ -198,8 +199,9 @@ def prepare_stage(accelerator, stage: Stage, model, loader, settings: dict, num_
     cuda_graphs = why_not is None
     if settings["compile"]:
         enable_compile(loss_model, compile_mode, compile_scope(accelerator, settings), cuda_graphs)
+    fused = accelerator.device.type == "cuda"
     optimizer = torch.optim.AdamW(param_groups(loss_model, settings["weight_decay"]), lr=stage.lr, betas=BETAS,
-                                  fused=accelerator.device.type == "cuda")
+                                  fused=fused)
     warmup = math.ceil(settings["warmup_share"] * stage.steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, partial(lr_factor, warmup=warmup, total=stage.steps, floor=settings["min_lr_share"]))
@@ -212,7 +214,9 @@ def prepare_stage(accelerator, stage: Stage, model, loader, settings: dict, num_
         # the head weight is read by CausalLMLoss.forward, outside the head's own forward
         unwrapped = accelerator.unwrap_model(loss_model)
         deepspeed.zero.register_external_parameter(unwrapped, unwrapped.get_output_embeddings().weight)
-    return Prepared(loss_model, optimizer, scheduler, loader, guard, originals, cuda_graphs)
+    # one process or DDP (whose gradients are whole and reduced after backward); FSDP clips its shards
+    clip_in_step = fused and accelerator.distributed_type.name in ("NO", "MULTI_GPU")
+    return Prepared(loss_model, optimizer, scheduler, loader, guard, originals, cuda_graphs, clip_in_step)
 
 
 def configure_deepspeed(config: dict, settings: dict) -> None:
@@ -231,6 +235,17 @@ def configure_deepspeed(config: dict, settings: dict) -> None:
                 zero[key] = value
 
 
+def clip_in_optimizer_step(optimizer, parameters, max_norm: float | None) -> torch.Tensor:
+    """Gradient clipping for a fused AdamW, whose kernel divides each gradient by `grad_scale` as it
+    reads it (how torch's GradScaler unscales): the next step clips by max(norm / max_norm, 1) within its
+    own pass, saving the pass that multiplies every gradient in place. Returns the total norm, unclipped."""
+    inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper steps the torch optimizer
+    norm = torch.nn.utils.get_total_norm([p.grad for p in parameters if p.grad is not None], foreach=True)
+    if max_norm:
+        inner.grad_scale = torch.clamp((norm + 1e-6) / max_norm, min=1.0)  # clip_grad_norm_'s 1e-6
+    return norm
+
+
 def optimizer_step(accelerator, prepared: Prepared, batches, accumulate: int, grad_clip: float):
     """One optimizer step over `accumulate` micro-batches; returns their losses and the gradient norm
     (device tensors: nothing here waits for the GPU). DeepSpeed clips and steps inside backward."""
@@ -246,7 +261,10 @@ def optimizer_step(accelerator, prepared: Prepared, batches, accumulate: int, gr
             if accelerator.sync_gradients and not is_deepspeed(accelerator):
                 if prepared.guard:
                     prepared.guard.mask_grads()
-                grad_norm = accelerator.clip_grad_norm_(model.parameters(), grad_clip or float("inf"))
+                if prepared.clip_in_step:
+                    grad_norm = clip_in_optimizer_step(optimizer, model.parameters(), grad_clip)
+                else:
+                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), grad_clip or float("inf"))
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         losses.append(loss.detach())
