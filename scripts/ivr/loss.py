@@ -33,7 +33,16 @@ def _chunk_loss_and_grads(h: torch.Tensor, w: torch.Tensor, y: torch.Tensor, sca
     return loss, grad @ w, grad.t() @ h
 
 
-_chunk_fn = _chunk_loss_and_grads
+_chunk_fn = _chunk_loss_and_grads  # enable_compile replaces it with its compiled self
+triton_on_cuda = True  # on CUDA, ivr.loss_kernel's Triton kernel instead (bench: --inductor-loss turns it off)
+
+
+def _chunk_kernel(device: torch.device):
+    if device.type == "cuda" and triton_on_cuda:
+        from ivr.loss_kernel import chunk_loss_and_grads
+
+        return chunk_loss_and_grads
+    return _chunk_fn
 ALIGN_ROWS = 64  # on GPU the vocabulary is padded to this multiple: an odd row count (GPT-2's 50,257) makes
 # the logits' rows misaligned for the tensor-core matrix kernels
 
@@ -56,10 +65,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
         loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad_hidden = torch.empty_like(h_all)
         grad_weight = torch.zeros(w.shape, dtype=torch.float32, device=weight.device)
+        chunk_fn = _chunk_kernel(hidden.device)
         with torch.autocast(hidden.device.type, enabled=False):
             for start in range(0, hidden.shape[0], chunk):
                 end = min(start + chunk, hidden.shape[0])
-                part, g_h, g_w = _chunk_fn(h_all[start:end], w, targets[start:end], scale, vocab)
+                part, g_h, g_w = chunk_fn(h_all[start:end], w, targets[start:end], scale, vocab)
                 loss += part
                 grad_hidden[start:end] = g_h
                 grad_weight += g_w
