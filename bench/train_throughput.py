@@ -55,6 +55,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 
 from ivr.compute import flops_per_token  # noqa: E402
+from ivr import loss as ivr_loss  # noqa: E402
 from ivr.held_rows import full_fp32, full_state  # noqa: E402
 from ivr.modeling import embedding_weights, load_weights  # noqa: E402
 from ivr.packed_data import IGNORE, IndexSampler  # noqa: E402
@@ -263,6 +264,14 @@ def run_ours(args) -> None:
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch, sampler=IndexSampler(np.arange(len(dataset))),
                                          pin_memory=True)
     prepared = prepare_stage(accelerator, stage, model, loader, settings, rows, args.compile_mode)
+    if args.inductor_rng:  # before the first step, which compiles
+        from torch._inductor import config as inductor_config
+
+        inductor_config.fallback_random = False
+    if args.clip_apart:
+        prepared.clip_in_step = False
+    if args.inductor_loss:
+        ivr_loss.triton_on_cuda = False
     scope = "eager"
     if args.compile:
         scope = "body" if accelerator.unwrap_model(prepared.loss_model).causal_attention else "blocks"
@@ -298,7 +307,9 @@ def run_ours(args) -> None:
         timing = timer.record(args.steps, args.batch * SEQ * world)
         result({"mode": "ours", "model": args.model, "batch": args.batch, "gpus": world,
                 "distributed": accelerator.distributed_type.name, "compile": args.compile, "scope": scope,
-                "cd_tuning": args.cd_tuning, "attention": args.attention, "compile_mode": args.compile_mode,
+                "cd_tuning": args.cd_tuning, "inductor_rng": args.inductor_rng, "clip_in_step": prepared.clip_in_step,
+                "triton_loss": ivr_loss.triton_on_cuda,
+                "attention": args.attention, "compile_mode": args.compile_mode,
                 **timing, "mfu": timing["tokens_per_s"] / world * flops / PEAK_FLOPS, "loss": float(losses[-1]),
                 "peak_memory_gib": peak_memory_gib(), **environment(), "profile": profile})
 
@@ -403,7 +414,9 @@ def spawn(command: list[str]) -> dict:
 
 # Levers tried beside the default at the same batch (compare's extras): what each adds to our command line.
 LEVERS = {"flash": ["--attention", "flash"],
-          "autotuned": ["--compile-mode", "max-autotune-no-cudagraphs"], "cd-tuned": ["--cd-tuning"]}
+          "autotuned": ["--compile-mode", "max-autotune-no-cudagraphs"], "cd-tuned": ["--cd-tuning"],
+          # the shipped optimisations undone, one each: their "before"
+          "inductor-rng": ["--inductor-rng"], "clip-apart": ["--clip-apart"], "inductor-loss": ["--inductor-loss"]}
 
 
 def own(args, mode: str, model: str, batch: int, scope: str | None = None, profile_steps: int = 0,
@@ -883,6 +896,12 @@ def main() -> None:
     parser.add_argument("--cd-tuning", action="store_true", help="ours: inductor's coordinate-descent tuning "
                         "(compare: an extra run at the same batch has it anyway)")
     parser.add_argument("--handshake", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--inductor-rng", action="store_true", help="ours: dropout's random numbers from "
+                        "inductor's own generator (before 2026-12-02: not ATen's, see enable_compile)")
+    parser.add_argument("--clip-apart", action="store_true", help="ours: clip the gradients in a pass of their "
+                        "own, not inside the fused AdamW step (before 2026-12-02)")
+    parser.add_argument("--inductor-loss", action="store_true", help="ours: the loss's softmax and gradient as "
+                        "inductor compiles them, not ivr.loss_kernel's Triton kernel (before 2026-12-02)")
     parser.add_argument("--config", default="deepspeed_zero2", help="accelerate config for --mode scaling")
     parser.add_argument("--gpus", type=int, default=2, help="GPUs for --mode scaling")
     parser.add_argument("--seq", type=int, default=SEQ, help="sequence length (1024 for the numbers that count)")
