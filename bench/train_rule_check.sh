@@ -71,7 +71,13 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 torch.manual_seed(0)
-model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(sys.argv[1]), dtype=torch.float32)
+config = AutoConfig.from_pretrained(sys.argv[1])
+model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+# from_config zeroes the padding id's row (SmolLM2: id 2, also its end of text); a block that starts with
+# it then carries an exactly zero residual through every layer, and each RMSNorm's backward multiplies the
+# gradient there by 1/sqrt(eps) (~316): inf by layer 3, NaN everywhere after clipping. Trained weights
+# have no zero rows; so that random ones have none either:
+model.get_input_embeddings().weight.data.normal_(0.0, config.initializer_range)
 model.save_pretrained(sys.argv[2])
 AutoTokenizer.from_pretrained(sys.argv[1]).save_pretrained(sys.argv[2])
 EOF
