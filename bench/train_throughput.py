@@ -191,6 +191,7 @@ class StepTimes:
 
 # What a kernel is, from its name (first match wins): for the profile's before/after.
 KERNEL_KINDS = (
+    ("loss (Triton)", re.compile(r"loss_and_logit_grads")),  # ivr.loss_kernel (profiled as "other" before)
     ("matmul", re.compile(r"^triton_tem", re.I)),  # inductor's matmul templates (max-autotune)
     ("fused (inductor)", re.compile(r"^triton_", re.I)),  # named after the ops they fuse, which may be any
     ("attention", re.compile(r"flash|fmha|attention|sdpa|attn", re.I)),
