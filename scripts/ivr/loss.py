@@ -216,8 +216,8 @@ def enable_compile(loss_model: CausalLMLoss, mode: str | None = None, scope: str
                    cuda_graphs: bool = False) -> str:
     """Compile the transformer in place (parameter identity, hooks and state-dict names stay), by blocks
     or as one body (`scope`; a model whose attention is not plain causal, see body_without_mask, is
-    compiled by blocks), and the per-chunk loss kernel, where inductor fuses the upcast, softmax and
-    gradient into few passes. Returns the scope used.
+    compiled by blocks), and the per-chunk loss, where inductor fuses the upcast, softmax and gradient
+    into few passes (on CUDA ivr.loss_kernel's Triton kernel runs instead). Returns the scope used.
 
     cuda_graphs: the transformer's compiled forward and backward are recorded once as CUDA graphs and
     replayed (torch.compile's reduce-overhead mode): one launch instead of hundreds of kernel launches,
