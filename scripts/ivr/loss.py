@@ -43,6 +43,8 @@ def _chunk_kernel(device: torch.device):
 
         return chunk_loss_and_grads
     return _chunk_fn
+
+
 ALIGN_ROWS = 64  # on GPU the vocabulary is padded to this multiple: an odd row count (GPT-2's 50,257) makes
 # the logits' rows misaligned for the tensor-core matrix kernels
 
