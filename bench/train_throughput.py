@@ -273,6 +273,10 @@ def run_ours(args) -> None:
         prepared.clip_in_step = False
     if args.inductor_loss:
         ivr_loss.triton_on_cuda = False
+    if args.separate_linears:
+        from torch._inductor import config as inductor_config
+
+        inductor_config.pre_grad_custom_pass = None
     scope = "eager"
     if args.compile:
         scope = "body" if accelerator.unwrap_model(prepared.loss_model).causal_attention else "blocks"
@@ -308,7 +312,8 @@ def run_ours(args) -> None:
         timing = timer.record(args.steps, args.batch * SEQ * world)
         result({"mode": "ours", "model": args.model, "batch": args.batch, "gpus": world,
                 "distributed": accelerator.distributed_type.name, "compile": args.compile, "scope": scope,
-                "cd_tuning": args.cd_tuning, "inductor_rng": args.inductor_rng, "clip_in_step": prepared.clip_in_step,
+                "cd_tuning": args.cd_tuning, "inductor_rng": args.inductor_rng,
+                "separate_linears": args.separate_linears, "clip_in_step": prepared.clip_in_step,
                 "triton_loss": ivr_loss.triton_on_cuda,
                 "attention": args.attention, "compile_mode": args.compile_mode,
                 **timing, "mfu": timing["tokens_per_s"] / world * flops / PEAK_FLOPS, "loss": float(losses[-1]),
@@ -417,7 +422,8 @@ def spawn(command: list[str]) -> dict:
 LEVERS = {"flash": ["--attention", "flash"],
           "autotuned": ["--compile-mode", "max-autotune-no-cudagraphs"], "cd-tuned": ["--cd-tuning"],
           # the shipped optimisations undone, one each: their "before"
-          "inductor-rng": ["--inductor-rng"], "clip-apart": ["--clip-apart"], "inductor-loss": ["--inductor-loss"]}
+          "inductor-rng": ["--inductor-rng"], "clip-apart": ["--clip-apart"], "inductor-loss": ["--inductor-loss"],
+          "separate-linears": ["--separate-linears"]}
 
 
 def own(args, mode: str, model: str, batch: int, scope: str | None = None, profile_steps: int = 0,
@@ -771,7 +777,7 @@ def print_profiles(jobs: list[Job]) -> None:
         print(f"  {'all kernels':<20}" + "".join(f"{p['kernel_ms']:{width - 7}.2f}{'':7}" for p in profiles.values()))
         print(f"  {'wall, profiler on':<20}" + "".join(f"{p['wall_ms']:{width - 7}.2f}{'':7}" for p in profiles.values()))
         for name, p in profiles.items():
-            print(f"  top kernels, {name}: " + "; ".join(f"{k} {ms:.2f}" for k, ms in p["top"][:6]))
+            print(f"  top kernels, {name}: " + "; ".join(f"{k} {ms:.2f}" for k, ms in p["top"][:12]))
 
 
 def run_compare(args) -> None:
@@ -903,6 +909,8 @@ def main() -> None:
                         "own, not inside the fused AdamW step (before 2026-12-02)")
     parser.add_argument("--inductor-loss", action="store_true", help="ours: the loss's softmax and gradient as "
                         "inductor compiles them, not ivr.loss_kernel's Triton kernel (before 2026-12-02)")
+    parser.add_argument("--separate-linears", action="store_true", help="ours: one product per linear, not one "
+                        "for those that read the same input (the step before ivr.fused_linears)")
     parser.add_argument("--config", default="deepspeed_zero2", help="accelerate config for --mode scaling")
     parser.add_argument("--gpus", type=int, default=2, help="GPUs for --mode scaling")
     parser.add_argument("--seq", type=int, default=SEQ, help="sequence length (1024 for the numbers that count)")
