@@ -229,15 +229,36 @@ def kernel_profile(run_step, steps: int) -> dict:
         wall = time.perf_counter() - started
     by_name: dict[str, float] = defaultdict(float)
     by_kind: dict[str, float] = defaultdict(float)
+    spans = []
     for event in prof.events():
         if event.device_type != (DeviceType.CUDA if cuda else DeviceType.CPU):
             continue
         us = (event.time_range.end - event.time_range.start) / steps
         by_name[short_kernel_name(event.name)] += us
         by_kind[kernel_kind(event.name)] += us
+        spans.append((event.time_range.start, event.time_range.end, short_kernel_name(event.name)))
     top = sorted(by_name.items(), key=lambda item: -item[1])[:12]
+    idle_ms, gaps = idle_between_kernels(spans, steps) if cuda else (0.0, [])
     return {"steps": steps, "wall_ms": 1e3 * wall / steps, "kernel_ms": sum(by_kind.values()) / 1e3,
-            "kinds": {k: v / 1e3 for k, v in by_kind.items()}, "top": [[n, v / 1e3] for n, v in top]}
+            "kinds": {k: v / 1e3 for k, v in by_kind.items()}, "top": [[n, v / 1e3] for n, v in top],
+            "idle_ms": idle_ms, "idle_top": gaps}
+
+
+def idle_between_kernels(spans: list[tuple[int, int, str]], steps: int) -> tuple[float, list]:
+    """GPU time with no kernel running, per step, from the first kernel to the last (in ms), and the
+    kernel pairs with the most idle time between them (ms per step): where the step waits on the CPU."""
+    spans.sort()
+    idle = 0.0
+    by_pair: dict[str, float] = defaultdict(float)
+    busy_until, last = spans[0][1], spans[0][2]
+    for start, end, name in spans[1:]:
+        if start > busy_until:
+            idle += start - busy_until
+            by_pair[f"{last} -> {name}"] += (start - busy_until) / steps
+        if end > busy_until:
+            busy_until, last = end, name
+    pairs = sorted(by_pair.items(), key=lambda item: -item[1])[:6]
+    return idle / steps / 1e3, [[pair, us / 1e3] for pair, us in pairs]
 
 
 def run_ours(args) -> None:
@@ -273,10 +294,10 @@ def run_ours(args) -> None:
         prepared.clip_in_step = False
     if args.inductor_loss:
         ivr_loss.triton_on_cuda = False
-    if args.separate_linears:
-        from torch._inductor import config as inductor_config
+    if args.loss_block:
+        from ivr import loss_kernel
 
-        inductor_config.pre_grad_custom_pass = None
+        loss_kernel.BLOCK, loss_kernel.WARPS = (int(v) for v in args.loss_block.split("x"))
     scope = "eager"
     if args.compile:
         scope = "body" if accelerator.unwrap_model(prepared.loss_model).causal_attention else "blocks"
@@ -313,7 +334,7 @@ def run_ours(args) -> None:
         result({"mode": "ours", "model": args.model, "batch": args.batch, "gpus": world,
                 "distributed": accelerator.distributed_type.name, "compile": args.compile, "scope": scope,
                 "cd_tuning": args.cd_tuning, "inductor_rng": args.inductor_rng,
-                "separate_linears": args.separate_linears, "clip_in_step": prepared.clip_in_step,
+                "loss_block": args.loss_block, "clip_in_step": prepared.clip_in_step,
                 "triton_loss": ivr_loss.triton_on_cuda,
                 "attention": args.attention, "compile_mode": args.compile_mode,
                 **timing, "mfu": timing["tokens_per_s"] / world * flops / PEAK_FLOPS, "loss": float(losses[-1]),
@@ -423,7 +444,7 @@ LEVERS = {"flash": ["--attention", "flash"],
           "autotuned": ["--compile-mode", "max-autotune-no-cudagraphs"], "cd-tuned": ["--cd-tuning"],
           # the shipped optimisations undone, one each: their "before"
           "inductor-rng": ["--inductor-rng"], "clip-apart": ["--clip-apart"], "inductor-loss": ["--inductor-loss"],
-          "separate-linears": ["--separate-linears"]}
+          "block-2048": ["--loss-block", "2048x4"]}
 
 
 def own(args, mode: str, model: str, batch: int, scope: str | None = None, profile_steps: int = 0,
@@ -776,8 +797,12 @@ def print_profiles(jobs: list[Job]) -> None:
             print(f"  {kind:<20}{cells}")
         print(f"  {'all kernels':<20}" + "".join(f"{p['kernel_ms']:{width - 7}.2f}{'':7}" for p in profiles.values()))
         print(f"  {'wall, profiler on':<20}" + "".join(f"{p['wall_ms']:{width - 7}.2f}{'':7}" for p in profiles.values()))
+        print(f"  {'GPU idle in between':<20}" + "".join(f"{p.get('idle_ms', 0):{width - 7}.2f}{'':7}"
+                                                      for p in profiles.values()))
         for name, p in profiles.items():
             print(f"  top kernels, {name}: " + "; ".join(f"{k} {ms:.2f}" for k, ms in p["top"][:12]))
+            print(f"  most idle GPU time after -> before, {name}: "
+                  + "; ".join(f"{pair} {ms:.3f}" for pair, ms in p.get("idle_top", [])))
 
 
 def run_compare(args) -> None:
@@ -909,8 +934,8 @@ def main() -> None:
                         "own, not inside the fused AdamW step (before 2026-12-02)")
     parser.add_argument("--inductor-loss", action="store_true", help="ours: the loss's softmax and gradient as "
                         "inductor compiles them, not ivr.loss_kernel's Triton kernel (before 2026-12-02)")
-    parser.add_argument("--separate-linears", action="store_true", help="ours: one product per linear, not one "
-                        "for those that read the same input (the step before ivr.fused_linears)")
+    parser.add_argument("--loss-block", help="ours: the loss kernel's columns per iteration and warps, as "
+                        "COLUMNSxWARPS (ivr.loss_kernel's BLOCK and WARPS otherwise)")
     parser.add_argument("--config", default="deepspeed_zero2", help="accelerate config for --mode scaling")
     parser.add_argument("--gpus", type=int, default=2, help="GPUs for --mode scaling")
     parser.add_argument("--seq", type=int, default=SEQ, help="sequence length (1024 for the numbers that count)")

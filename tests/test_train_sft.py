@@ -471,39 +471,6 @@ def test_compiled_training_draws_the_eager_dropout(monkeypatch, scope):
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(compiled_grads, eager_grads))
 
 
-@pytest.mark.parametrize("frozen,fused", [(None, 10), ("k_proj", 8)])
-def test_linears_reading_the_same_input_run_as_one_product(monkeypatch, frozen, fused):
-    """ivr.fused_linears: per Llama block, query, key and value projections in one product, gate and up
-    in another; a frozen weight (a LoRA base, say) is never joined to trainable ones, whose weight
-    gradient the fused product would then compute for it too. Same loss and gradients as eager."""
-    model = tiny_lm("llama")
-    if frozen:
-        for name, param in model.named_parameters():
-            param.requires_grad_(frozen not in name)
-    params = [p for p in model.parameters() if p.requires_grad]
-    loss_model = ivr_loss.CausalLMLoss(model, chunk_tokens=12)
-    ids = torch.randint(0, 100, (2, 16), generator=torch.Generator().manual_seed(1))
-    targets = ids.roll(-1, 1)
-    eager_loss = loss_model(ids, targets)
-    eager_grads = torch.autograd.grad(eager_loss, params)
-    monkeypatch.setattr(ivr_loss, "_chunk_fn", ivr_loss._chunk_fn)
-    # a compile found in the caches skips the graph passes, and with them the counting
-    monkeypatch.setattr(torch._inductor.config, "fx_graph_cache", False)
-    monkeypatch.setattr(torch._functorch.config, "enable_autograd_cache", False)
-    torch._dynamo.reset()
-    torch._dynamo.utils.counters.clear()
-    try:
-        ivr_loss.enable_compile(loss_model, scope="body")
-        compiled_loss = loss_model(ids, targets)
-        compiled_grads = torch.autograd.grad(compiled_loss, params)
-        counted = dict(torch._dynamo.utils.counters["ivr"])
-    finally:
-        torch._dynamo.reset()
-    assert counted == {"fused_linear_groups": 4, "fused_linears": fused}  # 2 blocks, 2 groups each
-    assert torch.allclose(compiled_loss, eager_loss, atol=1e-5)
-    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(compiled_grads, eager_grads))
-
-
 def test_held_rows_get_no_gradient_from_a_body_compiled_whole(monkeypatch):
     """The row guard's gradient hook (registered before compiling, as prepare_stage does) still zeroes the
     held rows when the embedding's gradient comes out of the compiled body (tied head: two uses)."""

@@ -9,7 +9,6 @@ import sys
 import torch
 
 from ivr.cli import log
-from ivr.fused_linears import fuse_shared_input_linears
 from ivr.packed_data import IGNORE
 
 
@@ -220,8 +219,7 @@ def enable_compile(loss_model: CausalLMLoss, mode: str | None = None, scope: str
     """Compile the transformer in place (parameter identity, hooks and state-dict names stay), by blocks
     or as one body (`scope`; a model whose attention is not plain causal, see body_without_mask, is
     compiled by blocks), and the per-chunk loss, where inductor fuses the upcast, softmax and gradient
-    into few passes (on CUDA ivr.loss_kernel's Triton kernel runs instead). Linears that read the same
-    input run as one product (ivr.fused_linears). Returns the scope used.
+    into few passes (on CUDA ivr.loss_kernel's Triton kernel runs instead). Returns the scope used.
 
     cuda_graphs: the transformer's compiled forward and backward are recorded once as CUDA graphs and
     replayed (torch.compile's reduce-overhead mode): one launch instead of hundreds of kernel launches,
@@ -244,7 +242,6 @@ def enable_compile(loss_model: CausalLMLoss, mode: str | None = None, scope: str
     # compiled step draws the masks the eager step draws for the same seed, and on an H200 GPT-2's
     # compiled step (dropout 0.1) ran 1.7 % faster, its fused kernels no longer generating them.
     inductor_config.fallback_random = True
-    inductor_config.pre_grad_custom_pass = fuse_shared_input_linears
     region_mode = mode
     if cuda_graphs:  # the same compile mode, with CUDA graphs
         region_mode = "max-autotune" if mode and mode.startswith("max-autotune") else "reduce-overhead"

@@ -29,15 +29,15 @@ def _loss_and_logit_grads(logits_ptr, targets_ptr, row_loss_ptr, scale_ptr, row_
     offsets = tl.arange(0, BLOCK)
     running_max = float("-inf")
     running_sum = 0.0
-    picked = 0.0  # the target's logit, taken in this pass: the second overwrites the row, one warp before another
     for start in range(0, vocab, BLOCK):
         cols = start + offsets
         x = tl.load(base + cols, mask=cols < vocab, other=float("-inf")).to(tl.float32)
         new_max = tl.maximum(running_max, tl.max(x, axis=0))
         running_sum = running_sum * tl.exp(running_max - new_max) + tl.sum(tl.exp(x - new_max), axis=0)
         running_max = new_max
-        picked += tl.sum(tl.where(cols == target, x, 0.0), axis=0)
     lse = running_max + tl.log(running_sum)
+    picked = tl.load(base + tl.where(valid, target, 0)).to(tl.float32)
+    tl.debug_barrier()  # every warp has read the target's logit before any overwrites the row below
     tl.store(row_loss_ptr + row, tl.where(valid, lse - picked, 0.0))
     coef = tl.where(valid, tl.load(scale_ptr), 0.0)
     for start in range(0, columns, BLOCK):
