@@ -229,36 +229,15 @@ def kernel_profile(run_step, steps: int) -> dict:
         wall = time.perf_counter() - started
     by_name: dict[str, float] = defaultdict(float)
     by_kind: dict[str, float] = defaultdict(float)
-    spans = []
     for event in prof.events():
         if event.device_type != (DeviceType.CUDA if cuda else DeviceType.CPU):
             continue
         us = (event.time_range.end - event.time_range.start) / steps
         by_name[short_kernel_name(event.name)] += us
         by_kind[kernel_kind(event.name)] += us
-        spans.append((event.time_range.start, event.time_range.end, short_kernel_name(event.name)))
     top = sorted(by_name.items(), key=lambda item: -item[1])[:12]
-    idle_ms, gaps = idle_between_kernels(spans, steps) if cuda else (0.0, [])
     return {"steps": steps, "wall_ms": 1e3 * wall / steps, "kernel_ms": sum(by_kind.values()) / 1e3,
-            "kinds": {k: v / 1e3 for k, v in by_kind.items()}, "top": [[n, v / 1e3] for n, v in top],
-            "idle_ms": idle_ms, "idle_top": gaps}
-
-
-def idle_between_kernels(spans: list[tuple[int, int, str]], steps: int) -> tuple[float, list]:
-    """GPU time with no kernel running, per step, from the first kernel to the last (in ms), and the
-    kernel pairs with the most idle time between them (ms per step): where the step waits on the CPU."""
-    spans.sort()
-    idle = 0.0
-    by_pair: dict[str, float] = defaultdict(float)
-    busy_until, last = spans[0][1], spans[0][2]
-    for start, end, name in spans[1:]:
-        if start > busy_until:
-            idle += start - busy_until
-            by_pair[f"{last} -> {name}"] += (start - busy_until) / steps
-        if end > busy_until:
-            busy_until, last = end, name
-    pairs = sorted(by_pair.items(), key=lambda item: -item[1])[:6]
-    return idle / steps / 1e3, [[pair, us / 1e3] for pair, us in pairs]
+            "kinds": {k: v / 1e3 for k, v in by_kind.items()}, "top": [[n, v / 1e3] for n, v in top]}
 
 
 def run_ours(args) -> None:
@@ -797,12 +776,12 @@ def print_profiles(jobs: list[Job]) -> None:
             print(f"  {kind:<20}{cells}")
         print(f"  {'all kernels':<20}" + "".join(f"{p['kernel_ms']:{width - 7}.2f}{'':7}" for p in profiles.values()))
         print(f"  {'wall, profiler on':<20}" + "".join(f"{p['wall_ms']:{width - 7}.2f}{'':7}" for p in profiles.values()))
-        print(f"  {'GPU idle in between':<20}" + "".join(f"{p.get('idle_ms', 0):{width - 7}.2f}{'':7}"
-                                                      for p in profiles.values()))
+        # the timed steps' median on the GPU's clock: close to "all kernels" when the GPU never waits
+        print(f"  {'step, timed median':<20}" + "".join(f"{runs[n].result['step_ms'][1]:{width - 7}.2f}{'':7}"
+                                                       if runs[n].result.get("step_ms") else f"{'-':>{width}}"
+                                                       for n in names))
         for name, p in profiles.items():
             print(f"  top kernels, {name}: " + "; ".join(f"{k} {ms:.2f}" for k, ms in p["top"][:12]))
-            print(f"  most idle GPU time after -> before, {name}: "
-                  + "; ".join(f"{pair} {ms:.3f}" for pair, ms in p.get("idle_top", [])))
 
 
 def run_compare(args) -> None:
