@@ -273,10 +273,6 @@ def run_ours(args) -> None:
         prepared.clip_in_step = False
     if args.inductor_loss:
         ivr_loss.triton_on_cuda = False
-    if args.loss_block:
-        from ivr import loss_kernel
-
-        loss_kernel.BLOCK, loss_kernel.WARPS = (int(v) for v in args.loss_block.split("x"))
     scope = "eager"
     if args.compile:
         scope = "body" if accelerator.unwrap_model(prepared.loss_model).causal_attention else "blocks"
@@ -312,8 +308,7 @@ def run_ours(args) -> None:
         timing = timer.record(args.steps, args.batch * SEQ * world)
         result({"mode": "ours", "model": args.model, "batch": args.batch, "gpus": world,
                 "distributed": accelerator.distributed_type.name, "compile": args.compile, "scope": scope,
-                "cd_tuning": args.cd_tuning, "inductor_rng": args.inductor_rng,
-                "loss_block": args.loss_block, "clip_in_step": prepared.clip_in_step,
+                "cd_tuning": args.cd_tuning, "inductor_rng": args.inductor_rng, "clip_in_step": prepared.clip_in_step,
                 "triton_loss": ivr_loss.triton_on_cuda,
                 "attention": args.attention, "compile_mode": args.compile_mode,
                 **timing, "mfu": timing["tokens_per_s"] / world * flops / PEAK_FLOPS, "loss": float(losses[-1]),
@@ -422,8 +417,7 @@ def spawn(command: list[str]) -> dict:
 LEVERS = {"flash": ["--attention", "flash"],
           "autotuned": ["--compile-mode", "max-autotune-no-cudagraphs"], "cd-tuned": ["--cd-tuning"],
           # the shipped optimisations undone, one each: their "before"
-          "inductor-rng": ["--inductor-rng"], "clip-apart": ["--clip-apart"], "inductor-loss": ["--inductor-loss"],
-          "block-2048": ["--loss-block", "2048x4"]}
+          "inductor-rng": ["--inductor-rng"], "clip-apart": ["--clip-apart"], "inductor-loss": ["--inductor-loss"]}
 
 
 def own(args, mode: str, model: str, batch: int, scope: str | None = None, profile_steps: int = 0,
@@ -776,7 +770,7 @@ def print_profiles(jobs: list[Job]) -> None:
             print(f"  {kind:<20}{cells}")
         print(f"  {'all kernels':<20}" + "".join(f"{p['kernel_ms']:{width - 7}.2f}{'':7}" for p in profiles.values()))
         print(f"  {'wall, profiler on':<20}" + "".join(f"{p['wall_ms']:{width - 7}.2f}{'':7}" for p in profiles.values()))
-        # the timed steps' median on the GPU's clock: close to "all kernels" when the GPU never waits
+        # the timed steps' median on the GPU's clock; above "all kernels" by the GPU's idle time within a step
         print(f"  {'step, timed median':<20}" + "".join(f"{runs[n].result['step_ms'][1]:{width - 7}.2f}{'':7}"
                                                        if runs[n].result.get("step_ms") else f"{'-':>{width}}"
                                                        for n in names))
@@ -913,8 +907,6 @@ def main() -> None:
                         "own, not inside the fused AdamW step (before 2026-12-02)")
     parser.add_argument("--inductor-loss", action="store_true", help="ours: the loss's softmax and gradient as "
                         "inductor compiles them, not ivr.loss_kernel's Triton kernel (before 2026-12-02)")
-    parser.add_argument("--loss-block", help="ours: the loss kernel's columns per iteration and warps, as "
-                        "COLUMNSxWARPS (ivr.loss_kernel's BLOCK and WARPS otherwise)")
     parser.add_argument("--config", default="deepspeed_zero2", help="accelerate config for --mode scaling")
     parser.add_argument("--gpus", type=int, default=2, help="GPUs for --mode scaling")
     parser.add_argument("--seq", type=int, default=SEQ, help="sequence length (1024 for the numbers that count)")
