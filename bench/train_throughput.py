@@ -771,9 +771,9 @@ def print_profiles(jobs: list[Job]) -> None:
         print(f"  {'all kernels':<20}" + "".join(f"{p['kernel_ms']:{width - 7}.2f}{'':7}" for p in profiles.values()))
         print(f"  {'wall, profiler on':<20}" + "".join(f"{p['wall_ms']:{width - 7}.2f}{'':7}" for p in profiles.values()))
         # the timed steps' median on the GPU's clock; above "all kernels" by the GPU's idle time within a step
-        print(f"  {'step, timed median':<20}" + "".join(f"{runs[n].result['step_ms'][1]:{width - 7}.2f}{'':7}"
-                                                       if runs[n].result.get("step_ms") else f"{'-':>{width}}"
-                                                       for n in names))
+        medians = [runs[n].result["step_ms"][1] if "step_ms" in runs[n].result else None for n in names]
+        print(f"  {'step, timed median':<20}" + "".join(f"{'-':>{width - 7}}{'':7}" if ms is None else
+                                                       f"{ms:{width - 7}.2f}{'':7}" for ms in medians))
         for name, p in profiles.items():
             print(f"  top kernels, {name}: " + "; ".join(f"{k} {ms:.2f}" for k, ms in p["top"][:12]))
 
