@@ -214,6 +214,9 @@ def short_kernel_name(name: str) -> str:
     return (short.strip() or name)[:64]
 
 
+PROFILE_TOP_MOST = 60  # kernels a profiled run reports; --profile-top prints the first of them
+
+
 def kernel_profile(run_step, steps: int) -> dict:
     """GPU kernel time per step over `steps` more steps under torch.profiler, by kind and by kernel."""
     from torch.autograd import DeviceType
@@ -228,24 +231,31 @@ def kernel_profile(run_step, steps: int) -> dict:
         sync()
         wall = time.perf_counter() - started
     by_name: dict[str, float] = defaultdict(float)
+    launches: dict[str, int] = defaultdict(int)
     by_kind: dict[str, float] = defaultdict(float)
     for event in prof.events():
         if event.device_type != (DeviceType.CUDA if cuda else DeviceType.CPU):
             continue
         us = (event.time_range.end - event.time_range.start) / steps
         by_name[short_kernel_name(event.name)] += us
+        launches[short_kernel_name(event.name)] += 1
         by_kind[kernel_kind(event.name)] += us
-    top = sorted(by_name.items(), key=lambda item: -item[1])[:12]
+    top = sorted(by_name.items(), key=lambda item: -item[1])[:PROFILE_TOP_MOST]
     return {"steps": steps, "wall_ms": 1e3 * wall / steps, "kernel_ms": sum(by_kind.values()) / 1e3,
-            "kinds": {k: v / 1e3 for k, v in by_kind.items()}, "top": [[n, v / 1e3] for n, v in top]}
+            "kinds": {k: v / 1e3 for k, v in by_kind.items()}, "top": [[n, v / 1e3, launches[n] / steps] for n, v in top]}
 
 
 def run_ours(args) -> None:
     prefer_attention(args.attention)
-    if args.cd_tuning:
+    if args.cd_tuning or args.inductor:
+        import ast
+
         from torch._inductor import config as inductor_config
 
-        inductor_config.coordinate_descent_tuning = True
+        inductor_config.coordinate_descent_tuning = args.cd_tuning or inductor_config.coordinate_descent_tuning
+        for setting in args.inductor:
+            key, _, value = setting.partition("=")
+            setattr(inductor_config, key, ast.literal_eval(value))
     overrides = [f"micro_batch_size={args.batch}", f"compile={str(args.compile).lower()}",
                  f"loss_chunk_tokens={args.chunk}", "weight_decay=0.1", "warmup_share=0"]
     if args.scope:
@@ -264,6 +274,8 @@ def run_ours(args) -> None:
     dataset = RandomBlocks(total * args.batch * world, rows, SEQ)
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch, sampler=IndexSampler(np.arange(len(dataset))),
                                          pin_memory=True)
+    if args.inline_rotary:  # before prepare_stage, which compiles
+        ivr_loss.rotary_tables_stored = False
     prepared = prepare_stage(accelerator, stage, model, loader, settings, rows, args.compile_mode)
     if args.inductor_rng:  # before the first step, which compiles
         from torch._inductor import config as inductor_config
@@ -308,8 +320,8 @@ def run_ours(args) -> None:
         timing = timer.record(args.steps, args.batch * SEQ * world)
         result({"mode": "ours", "model": args.model, "batch": args.batch, "gpus": world,
                 "distributed": accelerator.distributed_type.name, "compile": args.compile, "scope": scope,
-                "cd_tuning": args.cd_tuning, "inductor_rng": args.inductor_rng, "clip_in_step": prepared.clip_in_step,
-                "triton_loss": ivr_loss.triton_on_cuda,
+                "cd_tuning": args.cd_tuning, "inductor": args.inductor, "inductor_rng": args.inductor_rng,
+                "clip_in_step": prepared.clip_in_step, "triton_loss": ivr_loss.triton_on_cuda,
                 "attention": args.attention, "compile_mode": args.compile_mode,
                 **timing, "mfu": timing["tokens_per_s"] / world * flops / PEAK_FLOPS, "loss": float(losses[-1]),
                 "peak_memory_gib": peak_memory_gib(), **environment(), "profile": profile})
@@ -417,7 +429,10 @@ def spawn(command: list[str]) -> dict:
 LEVERS = {"flash": ["--attention", "flash"],
           "autotuned": ["--compile-mode", "max-autotune-no-cudagraphs"], "cd-tuned": ["--cd-tuning"],
           # the shipped optimisations undone, one each: their "before"
-          "inductor-rng": ["--inductor-rng"], "clip-apart": ["--clip-apart"], "inductor-loss": ["--inductor-loss"]}
+          "inductor-rng": ["--inductor-rng"], "clip-apart": ["--clip-apart"], "inductor-loss": ["--inductor-loss"],
+          "inline-rotary": ["--inline-rotary"],
+          # inductor settings tried as they are
+          "combo": ["--inductor", "combo_kernels=True"], "aggressive": ["--inductor", "aggressive_fusion=True"]}
 
 
 def own(args, mode: str, model: str, batch: int, scope: str | None = None, profile_steps: int = 0,
@@ -740,7 +755,7 @@ def table_row(job: Job, anchor: Job | None) -> str:
             f"{'' if x is None else f'  {x:.2f}x'}{' ~' if disturbed(r) else ''}")
 
 
-def print_profiles(jobs: list[Job]) -> None:
+def print_profiles(args, jobs: list[Job]) -> None:
     """Before/after: our step at the same batch compiled by blocks, as one body, with CUDA graphs and with
     each lever, kernel time by kind."""
     for model in MODELS:
@@ -775,7 +790,8 @@ def print_profiles(jobs: list[Job]) -> None:
         print(f"  {'step, timed median':<20}" + "".join(f"{'-':>{width - 7}}{'':7}" if ms is None else
                                                        f"{ms:{width - 7}.2f}{'':7}" for ms in medians))
         for name, p in profiles.items():
-            print(f"  top kernels, {name}: " + "; ".join(f"{k} {ms:.2f}" for k, ms in p["top"][:12]))
+            print(f"  top kernels, {name} (ms per step, launches per step): "
+                  + "; ".join(f"{k} {ms:.2f} ({n:g})" for k, ms, n in p["top"][:args.profile_top]))
 
 
 def run_compare(args) -> None:
@@ -786,7 +802,7 @@ def run_compare(args) -> None:
                   + (f", {scheduler.memory:.0f} GiB of GPU memory for them" if scheduler.memory else ""))
     scheduler.run()
     elapsed = time.monotonic() - scheduler.t0
-    print_profiles(jobs)
+    print_profiles(args, jobs)
     env = next((j.result for j in jobs if j.result), {})
 
     def find(model, side, batch, scope=None, lever=None):
@@ -870,6 +886,8 @@ def main() -> None:
     parser.add_argument("--cuda-graphs", action="store_true", help="ours, scaling: training.cuda_graphs (compare "
                         "measures the body with and without)")
     parser.add_argument("--profile", action="store_true", help="compare: profile our step at the same batch")
+    parser.add_argument("--profile-top", type=int, default=12, help=f"compare with --profile: kernels listed "
+                        f"per profiled run, longest first (at most {PROFILE_TOP_MOST})")
     parser.add_argument("--profile-steps", type=int, default=0, help="steps profiled after the timed ones "
                         "(compare with --profile: 3)")
     parser.add_argument("--models", type=lambda text: text.split(","), default=list(MODELS),
@@ -900,6 +918,8 @@ def main() -> None:
                         "long for runs already compiled")
     parser.add_argument("--cd-tuning", action="store_true", help="ours: inductor's coordinate-descent tuning "
                         "(compare: an extra run at the same batch has it anyway)")
+    parser.add_argument("--inductor", action="append", default=[], metavar="KEY=VALUE",
+                        help="ours: an inductor config setting (a Python literal), e.g. combo_kernels=True")
     parser.add_argument("--handshake", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--inductor-rng", action="store_true", help="ours: dropout's random numbers from "
                         "inductor's own generator (before 2026-12-02: not ATen's, see enable_compile)")
@@ -907,6 +927,8 @@ def main() -> None:
                         "own, not inside the fused AdamW step (before 2026-12-02)")
     parser.add_argument("--inductor-loss", action="store_true", help="ours: the loss's softmax and gradient as "
                         "inductor compiles them, not ivr.loss_kernel's Triton kernel (before 2026-12-02)")
+    parser.add_argument("--inline-rotary", action="store_true", help="ours: the rotary tables' cos and sin "
+                        "inlined into every layer's kernels by inductor, not stored once (before 2026-12-03)")
     parser.add_argument("--config", default="deepspeed_zero2", help="accelerate config for --mode scaling")
     parser.add_argument("--gpus", type=int, default=2, help="GPUs for --mode scaling")
     parser.add_argument("--seq", type=int, default=SEQ, help="sequence length (1024 for the numbers that count)")
