@@ -32,10 +32,15 @@ def test_triton_chunk_equals_the_pytorch_reference(monkeypatch, dtype, vocab, co
     expected = ivr_loss._chunk_loss_and_grads(h, w, y, scale, vocab)
     got = chunk_loss_and_grads(h, w, y, scale, vocab)
     assert torch.allclose(got[0], expected[0], rtol=1e-5)
+    assert got[1].dtype == dtype and got[2].dtype == torch.float32  # w's gradient summed in fp32
     for mine, reference in zip(got[1:], expected[1:]):
-        assert mine.dtype == reference.dtype
         assert torch.allclose(mine.float(), reference.float(), rtol=2e-2, atol=1e-5)
     assert not got[2][vocab:].any()  # padded rows: no probability, no gradient
+    # the next chunk's gradient for w is added into the running sum, in place
+    total = got[2].clone()
+    again = chunk_loss_and_grads(h, w, y, scale, vocab, total)
+    assert again[2] is total
+    assert torch.allclose(total, 2 * got[2], rtol=1e-5, atol=1e-7)
 
 
 def test_chunked_loss_on_cuda_uses_the_kernel_and_matches_full_cross_entropy(monkeypatch):

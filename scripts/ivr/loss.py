@@ -37,12 +37,18 @@ _chunk_fn = _chunk_loss_and_grads  # enable_compile replaces it with its compile
 triton_on_cuda = True  # on CUDA, ivr.loss_kernel's Triton kernel instead (bench: --inductor-loss turns it off)
 
 
+def _reference_chunk(h, w, y, scale, vocab, grad_weight):
+    """_chunk_fn as the chunk loop calls a chunk: the gradient for w added into grad_weight (fp32)."""
+    part, grad_h, grad_w = _chunk_fn(h, w, y, scale, vocab)
+    return part, grad_h, grad_w.float() if grad_weight is None else grad_weight.add_(grad_w)
+
+
 def _chunk_kernel(device: torch.device):
     if device.type == "cuda" and triton_on_cuda:
         from ivr.loss_kernel import chunk_loss_and_grads
 
         return chunk_loss_and_grads
-    return _chunk_fn
+    return _reference_chunk
 
 
 ALIGN_ROWS = 64  # on GPU the vocabulary is padded to this multiple: an odd row count (GPT-2's 50,257) makes
@@ -58,23 +64,28 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, chunk, compute_dtype):
-        vocab = weight.shape[0]
-        h_all, w = hidden.to(compute_dtype), weight.to(compute_dtype)
-        if hidden.is_cuda and vocab % ALIGN_ROWS:
-            w = torch.nn.functional.pad(w, (0, 0, 0, ALIGN_ROWS - vocab % ALIGN_ROWS))
+        vocab, width = weight.shape
+        rows = vocab + (-vocab % ALIGN_ROWS if hidden.is_cuda else 0)
+        h_all = hidden.to(compute_dtype)
+        if rows == vocab:
+            w = weight.to(compute_dtype)
+        else:  # cast and pad in one pass
+            w = weight.new_empty((rows, width), dtype=compute_dtype)
+            w[:vocab].copy_(weight)
+            w[vocab:].zero_()
         count = (targets != IGNORE).sum().clamp(min=1)
         scale = 1.0 / count.float()
         loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad_hidden = torch.empty_like(h_all)
-        grad_weight = torch.zeros(w.shape, dtype=torch.float32, device=weight.device)
+        grad_weight = None  # fp32, made by the first chunk
         chunk_fn = _chunk_kernel(hidden.device)
         with torch.autocast(hidden.device.type, enabled=False):
             for start in range(0, hidden.shape[0], chunk):
                 end = min(start + chunk, hidden.shape[0])
-                part, g_h, g_w = chunk_fn(h_all[start:end], w, targets[start:end], scale, vocab)
+                part, g_h, grad_weight = chunk_fn(h_all[start:end], w, targets[start:end], scale, vocab,
+                                                  grad_weight)
                 loss += part
                 grad_hidden[start:end] = g_h
-                grad_weight += g_w
         ctx.save_for_backward(grad_hidden, grad_weight[:vocab])
         ctx.dtypes = (hidden.dtype, weight.dtype)
         return loss * scale

@@ -49,10 +49,22 @@ def _loss_and_logit_grads(logits_ptr, targets_ptr, row_loss_ptr, scale_ptr, row_
         tl.store(base + cols, grad.to(logits_ptr.dtype.element_ty), mask=in_row)
 
 
-def chunk_loss_and_grads(h: torch.Tensor, w: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, vocab: int):
-    """What ivr.loss._chunk_loss_and_grads returns (summed loss, gradients for h and w), on CUDA."""
+def chunk_loss_and_grads(h: torch.Tensor, w: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, vocab: int,
+                         grad_weight: torch.Tensor | None = None):
+    """What ivr.loss._chunk_loss_and_grads returns (summed loss, gradients for h and w), on CUDA, the
+    gradient for w in fp32 and added into grad_weight when given: the matrix kernel sums in its epilogue,
+    instead of a bf16 product then a pass of its own over the fp32 sum."""
     logits = h @ w.t()
     row_loss = torch.empty(h.shape[0], dtype=torch.float32, device=h.device)
     _loss_and_logit_grads[(h.shape[0],)](logits, y.contiguous(), row_loss, scale, logits.stride(0), vocab,
                                          logits.shape[1], IGNORE, BLOCK=BLOCK, num_warps=WARPS)
-    return row_loss.sum(), logits @ w, logits.t() @ h
+    return row_loss.sum(), logits @ w, _add_product(grad_weight, logits.t(), h)
+
+
+def _add_product(total: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """total + a @ b (a @ b when total is None), in fp32 whatever a and b are."""
+    if a.dtype == torch.float32:
+        return a @ b if total is None else total.addmm_(a, b)
+    if total is None:
+        return torch.mm(a, b, out_dtype=torch.float32)
+    return torch.addmm(total, a, b, out_dtype=torch.float32, out=total)
