@@ -217,25 +217,31 @@ def short_kernel_name(name: str) -> str:
 PROFILE_TOP_MOST = 60  # kernels a profiled run reports; --profile-top prints the first of them
 
 
-def kernel_profile(run_step, steps: int) -> dict:
-    """GPU kernel time per step over `steps` more steps under torch.profiler, by kind and by kernel."""
+def kernel_profile(run_step, steps: int, trace: str | None = None) -> dict:
+    """GPU kernel time per step over `steps` more steps under torch.profiler, by kind and by kernel;
+    `trace`: also the CPU's operators, and the whole timeline written there (Chrome's trace format)."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     cuda = torch.cuda.is_available()  # on CPU (a smoke test) the operators, nested ones counted twice
     sync()
-    with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+    activities = {ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU}
+    if trace:
+        activities.add(ProfilerActivity.CPU)
+    with profile(activities=list(activities)) as prof:
         started = time.perf_counter()
         for _ in range(steps):
             run_step()
         sync()
         wall = time.perf_counter() - started
+    if trace:
+        prof.export_chrome_trace(trace)
     by_name: dict[str, float] = defaultdict(float)
     launches: dict[str, int] = defaultdict(int)
     by_kind: dict[str, float] = defaultdict(float)
     for event in prof.events():
-        if event.device_type != (DeviceType.CUDA if cuda else DeviceType.CPU):
-            continue
+        if event.device_type != (DeviceType.CUDA if cuda else DeviceType.CPU) or event.is_user_annotation:
+            continue  # an annotation (the optimizer's step, when the CPU is profiled too) spans kernels
         us = (event.time_range.end - event.time_range.start) / steps
         by_name[short_kernel_name(event.name)] += us
         launches[short_kernel_name(event.name)] += 1
@@ -313,7 +319,7 @@ def run_ours(args) -> None:
     profile = None
     if args.profile_steps:
         try:
-            profile = kernel_profile(step, args.profile_steps)
+            profile = kernel_profile(step, args.profile_steps, args.trace)
         except Exception as err:  # the measurement above still counts
             profile = {"error": f"{type(err).__name__}: {err}"[:300]}
     if accelerator.is_main_process:
@@ -432,7 +438,8 @@ LEVERS = {"flash": ["--attention", "flash"],
           "inductor-rng": ["--inductor-rng"], "clip-apart": ["--clip-apart"], "inductor-loss": ["--inductor-loss"],
           "inline-rotary": ["--inline-rotary"],
           # inductor settings tried as they are
-          "combo": ["--inductor", "combo_kernels=True"], "aggressive": ["--inductor", "aggressive_fusion=True"]}
+          "combo": ["--inductor", "combo_kernels=True"], "aggressive": ["--inductor", "aggressive_fusion=True"],
+          "no-mix-order": ["--inductor", "triton.mix_order_reduction=False"]}
 
 
 def own(args, mode: str, model: str, batch: int, scope: str | None = None, profile_steps: int = 0,
@@ -595,6 +602,10 @@ class Scheduler:
         env.setdefault("TORCHINDUCTOR_COMPILE_THREADS", str(max(2, (os.cpu_count() or 8) // self.args.concurrency)))
         argv = own(self.args, job.side, job.model, job.batch, job.scope, job.profile_steps, handshake=True,
                    lever=job.lever)
+        if self.args.trace_dir and job.profile_steps:
+            Path(self.args.trace_dir).mkdir(parents=True, exist_ok=True)
+            name = re.sub(r"[^A-Za-z0-9.+-]+", "_", f"{job.model} {job.scope} {job.lever or ''} b{job.batch}")
+            argv += ["--trace", str(Path(self.args.trace_dir).resolve() / f"{name.strip('_')}.json.gz")]
         job.stderr = cache / "stderr.txt"
         with open(job.stderr, "w") as err:
             job.proc = subprocess.Popen([sys.executable, *argv], cwd=ROOT, env=env, stdin=subprocess.PIPE,
@@ -888,6 +899,9 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true", help="compare: profile our step at the same batch")
     parser.add_argument("--profile-top", type=int, default=12, help=f"compare with --profile: kernels listed "
                         f"per profiled run, longest first (at most {PROFILE_TOP_MOST})")
+    parser.add_argument("--trace-dir", help="compare with --profile: each profiled run's timeline (GPU kernels "
+                        "and CPU operators) written here, as Chrome trace files")
+    parser.add_argument("--trace", help=argparse.SUPPRESS)
     parser.add_argument("--profile-steps", type=int, default=0, help="steps profiled after the timed ones "
                         "(compare with --profile: 3)")
     parser.add_argument("--models", type=lambda text: text.split(","), default=list(MODELS),
