@@ -248,20 +248,19 @@ def kernel_profile(run_step, steps: int, trace: str | None = None) -> dict:
         by_kind[kernel_kind(event.name)] += us
     top = sorted(by_name.items(), key=lambda item: -item[1])[:PROFILE_TOP_MOST]
     return {"steps": steps, "wall_ms": 1e3 * wall / steps, "kernel_ms": sum(by_kind.values()) / 1e3,
-            "kinds": {k: v / 1e3 for k, v in by_kind.items()}, "top": [[n, v / 1e3, launches[n] / steps] for n, v in top]}
+            "kinds": {k: v / 1e3 for k, v in by_kind.items()},
+            "top": [[n, v / 1e3, launches[n] / steps] for n, v in top]}
 
 
 def run_ours(args) -> None:
     prefer_attention(args.attention)
     if args.cd_tuning or args.inductor:
-        import ast
-
         from torch._inductor import config as inductor_config
 
-        inductor_config.coordinate_descent_tuning = args.cd_tuning or inductor_config.coordinate_descent_tuning
-        for setting in args.inductor:
-            key, _, value = setting.partition("=")
-            setattr(inductor_config, key, ast.literal_eval(value))
+        if args.cd_tuning:
+            inductor_config.coordinate_descent_tuning = True
+        for key, value in args.inductor:
+            setattr(inductor_config, key, value)
     overrides = [f"micro_batch_size={args.batch}", f"compile={str(args.compile).lower()}",
                  f"loss_chunk_tokens={args.chunk}", "weight_decay=0.1", "warmup_share=0"]
     if args.scope:
@@ -438,7 +437,7 @@ LEVERS = {"flash": ["--attention", "flash"],
           "inductor-rng": ["--inductor-rng"], "clip-apart": ["--clip-apart"], "inductor-loss": ["--inductor-loss"],
           "inline-rotary": ["--inline-rotary"],
           # inductor settings tried as they are
-          "combo": ["--inductor", "combo_kernels=True"], "aggressive": ["--inductor", "aggressive_fusion=True"],
+          "combo": ["--inductor", "combo_kernels=True"],
           "no-mix-order": ["--inductor", "triton.mix_order_reduction=False"]}
 
 
@@ -879,6 +878,19 @@ def run_scaling(args) -> None:
     print(describe(f"{args.gpus} GPUs ({args.config})", many, one))
 
 
+def inductor_setting(text: str) -> tuple[str, object]:
+    """--inductor's KEY=VALUE, the value a Python literal."""
+    import ast
+
+    key, equals, value = text.partition("=")
+    try:
+        if key.strip() and equals:
+            return key.strip(), ast.literal_eval(value.strip())
+    except (ValueError, SyntaxError):
+        pass
+    raise argparse.ArgumentTypeError(f"{text!r}: expected KEY=VALUE, VALUE a Python literal")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--mode", choices=["compare", "scaling", "ours", "hf", "frozen"], default="compare")
@@ -932,7 +944,7 @@ def main() -> None:
                         "long for runs already compiled")
     parser.add_argument("--cd-tuning", action="store_true", help="ours: inductor's coordinate-descent tuning "
                         "(compare: an extra run at the same batch has it anyway)")
-    parser.add_argument("--inductor", action="append", default=[], metavar="KEY=VALUE",
+    parser.add_argument("--inductor", action="append", default=[], metavar="KEY=VALUE", type=inductor_setting,
                         help="ours: an inductor config setting (a Python literal), e.g. combo_kernels=True")
     parser.add_argument("--handshake", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--inductor-rng", action="store_true", help="ours: dropout's random numbers from "
