@@ -35,6 +35,8 @@ def main() -> None:
     with gzip.open(args.trace) if args.trace.endswith(".gz") else open(args.trace) as f:
         events = json.load(f)["traceEvents"]
     gpu = sorted((e for e in events if e.get("ph") == "X" and e.get("cat") in GPU), key=lambda e: e["ts"])
+    if not gpu:
+        raise SystemExit(f"{args.trace}: no GPU kernels in the trace (profiled on a CPU?)")
     idle: dict[tuple[str, str], float] = defaultdict(float)
     count: Counter = Counter()
     long_gaps = []
@@ -48,10 +50,11 @@ def main() -> None:
         else:
             idle[pair] += gap
             count[pair] += 1
-        if before is not None and before["cat"] == "gpu_memset":  # the memset, the gaps before and after it
+        after_memset = before is not None and before["cat"] == "gpu_memset"
+        if after_memset:  # the memset with the gaps before and after it
             memsets += 1
             memset_us += gap_before + before["dur"] + gap
-        gap_before = gap if gap <= args.ramp_us else 0.0
+        gap_before = 0.0 if gap > args.ramp_us or after_memset else gap  # a gap counted once
         busy_until = max(busy_until, event["ts"] + event["dur"])
     window = (busy_until - gpu[0]["ts"]) / args.steps
     total_idle = sum(idle.values()) / args.steps

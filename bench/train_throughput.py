@@ -34,6 +34,7 @@ sequence length 1024. MFU counts 6 * parameters + 12 * layers * width * sequence
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import queue
@@ -327,6 +328,7 @@ def run_ours(args) -> None:
                 "distributed": accelerator.distributed_type.name, "compile": args.compile, "scope": scope,
                 "cd_tuning": args.cd_tuning, "inductor": args.inductor, "inductor_rng": args.inductor_rng,
                 "clip_in_step": prepared.clip_in_step, "triton_loss": ivr_loss.triton_on_cuda,
+                "rotary_tables_stored": ivr_loss.rotary_tables_stored,
                 "attention": args.attention, "compile_mode": args.compile_mode,
                 **timing, "mfu": timing["tokens_per_s"] / world * flops / PEAK_FLOPS, "loss": float(losses[-1]),
                 "peak_memory_gib": peak_memory_gib(), **environment(), "profile": profile})
@@ -882,10 +884,16 @@ def inductor_setting(text: str) -> tuple[str, object]:
     """--inductor's KEY=VALUE, the value a Python literal."""
     import ast
 
-    key, equals, value = text.partition("=")
+    from torch._inductor import config as inductor_config
+
+    key, equals, value = (part.strip() for part in text.partition("="))
     try:
-        if key.strip() and equals:
-            return key.strip(), ast.literal_eval(value.strip())
+        functools.reduce(getattr, key.split("."), inductor_config)
+    except AttributeError:
+        raise argparse.ArgumentTypeError(f"{key!r}: no such inductor setting") from None
+    try:
+        if equals:
+            return key, ast.literal_eval(value)
     except (ValueError, SyntaxError):
         pass
     raise argparse.ArgumentTypeError(f"{text!r}: expected KEY=VALUE, VALUE a Python literal")
@@ -909,7 +917,7 @@ def main() -> None:
     parser.add_argument("--cuda-graphs", action="store_true", help="ours, scaling: training.cuda_graphs (compare "
                         "measures the body with and without)")
     parser.add_argument("--profile", action="store_true", help="compare: profile our step at the same batch")
-    parser.add_argument("--profile-top", type=int, default=12, help=f"compare with --profile: kernels listed "
+    parser.add_argument("--profile-top", type=int, default=12, metavar="N", help=f"compare with --profile: kernels listed "
                         f"per profiled run, longest first (at most {PROFILE_TOP_MOST})")
     parser.add_argument("--trace-dir", help="compare with --profile: each profiled run's timeline (GPU kernels "
                         "and CPU operators) written here, as Chrome trace files")
@@ -966,6 +974,8 @@ def main() -> None:
     args.batch = args.batch or (16 if compare else 64)
     args.steps = args.steps or (25 if compare else 40)
     args.warmup = args.warmup if args.warmup is not None else (10 if compare else 15)
+    if not 1 <= args.profile_top <= PROFILE_TOP_MOST:
+        parser.error(f"--profile-top: 1 to {PROFILE_TOP_MOST}")
     if compare and args.profile and not args.profile_steps:
         args.profile_steps = 3
     if args.compile_steps is None:

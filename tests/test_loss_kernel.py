@@ -40,7 +40,7 @@ def test_triton_chunk_equals_the_pytorch_reference(monkeypatch, dtype, vocab, co
     total = got[2].clone()
     again = chunk_loss_and_grads(h, w, y, scale, vocab, total)
     assert again[2] is total
-    assert torch.allclose(total, 2 * got[2], rtol=1e-5, atol=1e-7)
+    assert torch.allclose(total, 2 * got[2], rtol=1e-5, atol=1e-6)  # the sum's kernel may differ
 
 
 def test_chunked_loss_on_cuda_uses_the_kernel_and_matches_full_cross_entropy(monkeypatch):

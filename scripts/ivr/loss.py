@@ -40,7 +40,8 @@ triton_on_cuda = True  # on CUDA, ivr.loss_kernel's Triton kernel instead (bench
 def _reference_chunk(h, w, y, scale, vocab, grad_weight):
     """_chunk_fn as the chunk loop calls a chunk: the gradient for w added into grad_weight (fp32)."""
     part, grad_h, grad_w = _chunk_fn(h, w, y, scale, vocab)
-    return part, grad_h, grad_w.float() if grad_weight is None else grad_weight.add_(grad_w)
+    # a copy: the compiled function's output may live in memory its next call reuses
+    return part, grad_h, (grad_w.to(torch.float32, copy=True) if grad_weight is None else grad_weight.add_(grad_w))
 
 
 def _chunk_kernel(device: torch.device):
@@ -86,6 +87,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
                                                   grad_weight)
                 loss += part
                 grad_hidden[start:end] = g_h
+        if grad_weight is None:  # no tokens
+            grad_weight = torch.zeros(w.shape, dtype=torch.float32, device=weight.device)
         ctx.save_for_backward(grad_hidden, grad_weight[:vocab])
         ctx.dtypes = (hidden.dtype, weight.dtype)
         return loss * scale
@@ -219,6 +222,9 @@ def stored_table(table: torch.Tensor) -> torch.Tensor:
 @stored_table.register_fake
 def _(table: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(table)
+
+
+stored_table.register_autograd(lambda ctx, grad: grad)  # a copy passes its gradient on unchanged
 
 
 def _stored_rotary_tables(module, args, output):
