@@ -14,15 +14,11 @@ from __future__ import annotations
 import argparse
 import gzip
 import json
-import re
 from collections import Counter, defaultdict
 
+from train_throughput import short_kernel_name as short
+
 GPU = ("kernel", "gpu_memset", "gpu_memcpy")
-
-
-def short(name: str) -> str:
-    name = re.sub(r"^void ", "", name)
-    return re.split(r"[<(]", name)[0].rsplit("::", 1)[-1][:56]
 
 
 def main() -> None:

@@ -244,8 +244,9 @@ def kernel_profile(run_step, steps: int, trace: str | None = None) -> dict:
         if event.device_type != (DeviceType.CUDA if cuda else DeviceType.CPU) or event.is_user_annotation:
             continue  # an annotation (the optimizer's step, when the CPU is profiled too) spans kernels
         us = (event.time_range.end - event.time_range.start) / steps
-        by_name[short_kernel_name(event.name)] += us
-        launches[short_kernel_name(event.name)] += 1
+        name = short_kernel_name(event.name)
+        by_name[name] += us
+        launches[name] += 1
         by_kind[kernel_kind(event.name)] += us
     top = sorted(by_name.items(), key=lambda item: -item[1])[:PROFILE_TOP_MOST]
     return {"steps": steps, "wall_ms": 1e3 * wall / steps, "kernel_ms": sum(by_kind.values()) / 1e3,
@@ -917,8 +918,9 @@ def main() -> None:
     parser.add_argument("--cuda-graphs", action="store_true", help="ours, scaling: training.cuda_graphs (compare "
                         "measures the body with and without)")
     parser.add_argument("--profile", action="store_true", help="compare: profile our step at the same batch")
-    parser.add_argument("--profile-top", type=int, default=12, metavar="N", help=f"compare with --profile: kernels listed "
-                        f"per profiled run, longest first (at most {PROFILE_TOP_MOST})")
+    parser.add_argument("--profile-top", type=int, default=12, metavar="N",
+                        help=f"compare with --profile: kernels listed per profiled run, longest first (at most "
+                        f"{PROFILE_TOP_MOST})")
     parser.add_argument("--trace-dir", help="compare with --profile: each profiled run's timeline (GPU kernels "
                         "and CPU operators) written here, as Chrome trace files")
     parser.add_argument("--trace", help=argparse.SUPPRESS)
@@ -962,7 +964,8 @@ def main() -> None:
     parser.add_argument("--inductor-loss", action="store_true", help="ours: the loss's softmax and gradient as "
                         "inductor compiles them, not ivr.loss_kernel's Triton kernel (before 2026-12-02)")
     parser.add_argument("--inline-rotary", action="store_true", help="ours: the rotary tables' cos and sin "
-                        "inlined into every layer's kernels by inductor, not stored once (before 2026-12-03)")
+                        "inlined into every layer's kernels by inductor, not stored once (the step before "
+                        "2026-12-02's fifth session)")
     parser.add_argument("--config", default="deepspeed_zero2", help="accelerate config for --mode scaling")
     parser.add_argument("--gpus", type=int, default=2, help="GPUs for --mode scaling")
     parser.add_argument("--seq", type=int, default=SEQ, help="sequence length (1024 for the numbers that count)")

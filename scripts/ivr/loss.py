@@ -242,9 +242,9 @@ def store_rotary_tables(lm) -> None:
     every layer's rotary kernels, forward and backward, recomputing each position's table for every head
     of every layer (SmolLM2-135M at batch 16 on an H200: 350.8k tokens/s stored, 334.5k inlined)."""
     for module in lm.modules():
-        if type(module).__name__.endswith("RotaryEmbedding") and not getattr(module, "_ivr_tables_stored", False):
+        if (type(module).__name__.endswith("RotaryEmbedding")
+                and _stored_rotary_tables not in module._forward_hooks.values()):
             module.register_forward_hook(_stored_rotary_tables)
-            module._ivr_tables_stored = True
 
 
 def compiled_regions(lm, scope: str = "blocks") -> list[torch.nn.Module]:
