@@ -283,8 +283,6 @@ def run_ours(args) -> None:
                                          pin_memory=True)
     if args.inline_rotary:  # before prepare_stage, which compiles
         ivr_loss.rotary_tables_stored = False
-    if args.apart_linears:
-        ivr_loss.parallel_linears_fused = False
     prepared = prepare_stage(accelerator, stage, model, loader, settings, rows, args.compile_mode)
     if args.inductor_rng:  # before the first step, which compiles
         from torch._inductor import config as inductor_config
@@ -332,7 +330,6 @@ def run_ours(args) -> None:
                 "cd_tuning": args.cd_tuning, "inductor": args.inductor, "inductor_rng": args.inductor_rng,
                 "clip_in_step": prepared.clip_in_step, "triton_loss": ivr_loss.triton_on_cuda,
                 "rotary_tables_stored": ivr_loss.rotary_tables_stored,
-                "parallel_linears_fused": ivr_loss.parallel_linears_fused,
                 "attention": args.attention, "compile_mode": args.compile_mode,
                 **timing, "mfu": timing["tokens_per_s"] / world * flops / PEAK_FLOPS, "loss": float(losses[-1]),
                 "peak_memory_gib": peak_memory_gib(), **environment(), "profile": profile})
@@ -441,7 +438,7 @@ LEVERS = {"flash": ["--attention", "flash"],
           "autotuned": ["--compile-mode", "max-autotune-no-cudagraphs"], "cd-tuned": ["--cd-tuning"],
           # the shipped optimisations undone, one each: their "before"
           "inductor-rng": ["--inductor-rng"], "clip-apart": ["--clip-apart"], "inductor-loss": ["--inductor-loss"],
-          "inline-rotary": ["--inline-rotary"], "apart-linears": ["--apart-linears"],
+          "inline-rotary": ["--inline-rotary"],
           # inductor settings tried as they are
           "combo": ["--inductor", "combo_kernels=True"],
           "no-mix-order": ["--inductor", "triton.mix_order_reduction=False"]}
@@ -969,9 +966,6 @@ def main() -> None:
     parser.add_argument("--inline-rotary", action="store_true", help="ours: the rotary tables' cos and sin "
                         "inlined into every layer's kernels by inductor, not stored once (the step before "
                         "2026-12-02's fifth session)")
-    parser.add_argument("--apart-linears", action="store_true", help="ours: linears that read one input "
-                        "(q, k, v; gate, up) as separate products, not one (ivr.parallel_linears; the step "
-                        "before 2026-12-02's sixth session)")
     parser.add_argument("--config", default="deepspeed_zero2", help="accelerate config for --mode scaling")
     parser.add_argument("--gpus", type=int, default=2, help="GPUs for --mode scaling")
     parser.add_argument("--seq", type=int, default=SEQ, help="sequence length (1024 for the numbers that count)")

@@ -477,48 +477,6 @@ def test_compiled_body_computes_the_rotary_tables_once(monkeypatch, stored):
         assert recomputed > 0  # what storing them saves
 
 
-@pytest.mark.parametrize("fused", [True, False])
-def test_compiled_body_computes_linears_that_read_one_input_as_one_product(monkeypatch, fused):
-    """Compiled, each block's q, k and v projections (and its MLP's gate and up) are one matrix product
-    in the forward and one pair in the backward (ivr.parallel_linears), with the loss and gradients of
-    eager training. Layers join a group only when they agree: here layer 0's k_proj is frozen, so its
-    q and v are fused and its k stays apart; the biases (attention_bias) are concatenated too."""
-    from torch._inductor.utils import run_and_get_code
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
-    monkeypatch.setattr(ivr_loss, "parallel_linears_fused", fused)
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(
-        LlamaConfig(num_hidden_layers=2, hidden_size=48, intermediate_size=64, num_attention_heads=3,
-                    num_key_value_heads=1, vocab_size=100, attention_bias=True), attn_implementation="sdpa")
-    model.model.layers[0].self_attn.k_proj.requires_grad_(False)
-    learning = [p for p in model.parameters() if p.requires_grad]
-    loss_model = ivr_loss.CausalLMLoss(model, chunk_tokens=12)
-    ids = torch.randint(0, 100, (2, 16), generator=torch.Generator().manual_seed(1))
-    eager_loss = loss_model(ids, ids)
-    eager_grads = torch.autograd.grad(eager_loss, learning)
-
-    def step():
-        loss = loss_model(ids, ids)
-        return loss, torch.autograd.grad(loss, learning)
-
-    spy_on_sdpa(monkeypatch)  # undoes enable_compile's replacement of the loss kernel afterwards
-    torch._dynamo.reset()
-    try:
-        ivr_loss.enable_compile(loss_model, scope="body")
-        (compiled_loss, compiled_grads), codes = run_and_get_code(step)
-    finally:
-        torch._dynamo.reset()
-    assert torch.allclose(compiled_loss, eager_loss, atol=1e-5)
-    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(compiled_grads, eager_grads))
-    [forward] = [code for code in codes if "_forward']" in code.split("\n")[0] and "rsqrt" in code]
-    [backward] = [code for code in codes if "_backward']" in code.split("\n")[0] and "rsqrt" in code]
-    products = [len(re.findall(r"extern_kernels\.(?:mm|addmm)\(", code)) for code in (forward, backward)]
-    # per layer apart: q, k, v, o, gate, up, down; fused: qkv (layer 0: qv and k), o, gate-up, down. The
-    # backward has two per product (the input's gradient, the weights'), one for layer 0's frozen k_proj.
-    assert products == ([9, 17] if fused else [14, 27])
-
-
 @pytest.mark.parametrize("scope", ["blocks", "body"])
 def test_compiled_training_draws_the_eager_dropout(monkeypatch, scope):
     """With dropout on (GPT-2's 0.1 everywhere), the compiled step takes its random numbers from the

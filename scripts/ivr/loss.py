@@ -234,7 +234,6 @@ def _stored_rotary_tables(module, args, output):
 
 
 rotary_tables_stored = True  # compiled as one body (bench: --inline-rotary turns it off)
-parallel_linears_fused = True  # see ivr.parallel_linears (bench: --apart-linears turns it off)
 
 
 def store_rotary_tables(lm) -> None:
@@ -278,8 +277,6 @@ def enable_compile(loss_model: CausalLMLoss, mode: str | None = None, scope: str
     global _chunk_fn
     from torch._inductor import config as inductor_config
 
-    from ivr.parallel_linears import FuseParallelLinears
-
     if scope not in SCOPES:
         raise ValueError(f"compile scope {scope!r}: expected one of {SCOPES}")
     lm = loss_model.lm
@@ -296,7 +293,6 @@ def enable_compile(loss_model: CausalLMLoss, mode: str | None = None, scope: str
     # compiled step draws the masks the eager step draws for the same seed, and on an H200 GPT-2's
     # compiled step (dropout 0.1) ran 1.7 % faster, its fused kernels no longer generating them.
     inductor_config.fallback_random = True
-    inductor_config.pre_grad_custom_pass = FuseParallelLinears() if parallel_linears_fused else None
     region_mode = mode
     if cuda_graphs:  # the same compile mode, with CUDA graphs
         region_mode = "max-autotune" if mode and mode.startswith("max-autotune") else "reduce-overhead"
