@@ -70,7 +70,11 @@ def test_the_replayed_graphs_train_exactly_like_the_compiled_body_without_them(k
     assert lrs == eager_lrs and len(set(lrs)) > 3
     assert torch.isfinite(losses).all() and min(norms) > 0.05  # clipping scaled every step's gradients
     torch.testing.assert_close(losses, eager_losses, rtol=0, atol=1e-5)
-    assert norms == pytest.approx(eager_norms, rel=1e-5)
+    # Not equal to the last bit: the embedding's gradient is summed with atomic adds, in an order that
+    # differs from run to run, and under bf16 autocast a last-bit change in a row can round an activation
+    # the other way (stage 1, where that gradient is the only one, once differed by 7e-5 at step 7 on an
+    # H200). A replay reusing memory it should not would be off by far more.
+    assert norms == pytest.approx(eager_norms, rel=2e-4)
     for name, value in params.items():
         torch.testing.assert_close(value, eager_params[name], rtol=0, atol=1e-6, msg=name)
     assert held_change == 0.0
