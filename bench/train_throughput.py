@@ -57,6 +57,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 from ivr.compute import flops_per_token  # noqa: E402
 from ivr import loss as ivr_loss  # noqa: E402
+from ivr import trainer as ivr_trainer  # noqa: E402
 from ivr.held_rows import full_fp32, full_state  # noqa: E402
 from ivr.modeling import embedding_weights, load_weights  # noqa: E402
 from ivr.packed_data import IGNORE, IndexSampler  # noqa: E402
@@ -283,6 +284,8 @@ def run_ours(args) -> None:
                                          pin_memory=True)
     if args.inline_rotary:  # before prepare_stage, which compiles
         ivr_loss.rotary_tables_stored = False
+    if args.torch_adamw:  # before prepare_stage, which makes the optimizer
+        ivr_trainer.adamw_kernel_on_cuda = False
     prepared = prepare_stage(accelerator, stage, model, loader, settings, rows, args.compile_mode)
     if args.inductor_rng:  # before the first step, which compiles
         from torch._inductor import config as inductor_config
@@ -330,6 +333,7 @@ def run_ours(args) -> None:
                 "cd_tuning": args.cd_tuning, "inductor": args.inductor, "inductor_rng": args.inductor_rng,
                 "clip_in_step": prepared.clip_in_step, "triton_loss": ivr_loss.triton_on_cuda,
                 "rotary_tables_stored": ivr_loss.rotary_tables_stored,
+                "optimizer": type(getattr(prepared.optimizer, "optimizer", prepared.optimizer)).__name__,
                 "attention": args.attention, "compile_mode": args.compile_mode,
                 **timing, "mfu": timing["tokens_per_s"] / world * flops / PEAK_FLOPS, "loss": float(losses[-1]),
                 "peak_memory_gib": peak_memory_gib(), **environment(), "profile": profile})
@@ -438,7 +442,7 @@ LEVERS = {"flash": ["--attention", "flash"],
           "autotuned": ["--compile-mode", "max-autotune-no-cudagraphs"], "cd-tuned": ["--cd-tuning"],
           # the shipped optimisations undone, one each: their "before"
           "inductor-rng": ["--inductor-rng"], "clip-apart": ["--clip-apart"], "inductor-loss": ["--inductor-loss"],
-          "inline-rotary": ["--inline-rotary"],
+          "inline-rotary": ["--inline-rotary"], "torch-adamw": ["--torch-adamw"],
           # inductor settings tried as they are
           "combo": ["--inductor", "combo_kernels=True"],
           "no-mix-order": ["--inductor", "triton.mix_order_reduction=False"]}
@@ -966,6 +970,8 @@ def main() -> None:
     parser.add_argument("--inline-rotary", action="store_true", help="ours: the rotary tables' cos and sin "
                         "inlined into every layer's kernels by inductor, not stored once (the step before "
                         "2026-12-02's fifth session)")
+    parser.add_argument("--torch-adamw", action="store_true", help="ours: torch's fused AdamW step, not "
+                        "ivr.adamw_kernel's one launch per parameter group (the step before 2026-12-03)")
     parser.add_argument("--config", default="deepspeed_zero2", help="accelerate config for --mode scaling")
     parser.add_argument("--gpus", type=int, default=2, help="GPUs for --mode scaling")
     parser.add_argument("--seq", type=int, default=SEQ, help="sequence length (1024 for the numbers that count)")

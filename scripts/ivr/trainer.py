@@ -27,6 +27,7 @@ from ivr.stages import Stage, lr_factor
 
 FIRST_LOSS_MARGIN = 1.0  # nats above ln(vocab), i.e. clearly worse than guessing uniformly
 BETAS = (0.9, 0.95)
+adamw_kernel_on_cuda = True  # one process or DDP on CUDA: ivr.adamw_kernel's step (bench: --torch-adamw)
 # Settings that change how a run is carried out or reported, not what it computes: they may change
 # between a kill and the rerun without invalidating the checkpoints.
 
@@ -200,8 +201,13 @@ def prepare_stage(accelerator, stage: Stage, model, loader, settings: dict, num_
     if settings["compile"]:
         enable_compile(loss_model, compile_mode, compile_scope(accelerator, settings), cuda_graphs)
     fused = accelerator.device.type == "cuda"
-    optimizer = torch.optim.AdamW(param_groups(loss_model, settings["weight_decay"]), lr=stage.lr, betas=BETAS,
-                                  fused=fused)
+    # one process or DDP (whose gradients are whole and reduced after backward); FSDP clips its shards
+    whole_gradients = accelerator.distributed_type.name in ("NO", "MULTI_GPU")
+    optimizer_class = torch.optim.AdamW
+    if fused and whole_gradients and adamw_kernel_on_cuda:
+        from ivr.adamw_kernel import TritonAdamW as optimizer_class
+    optimizer = optimizer_class(param_groups(loss_model, settings["weight_decay"]), lr=stage.lr, betas=BETAS,
+                                fused=fused)
     warmup = math.ceil(settings["warmup_share"] * stage.steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, partial(lr_factor, warmup=warmup, total=stage.steps, floor=settings["min_lr_share"]))
@@ -214,8 +220,7 @@ def prepare_stage(accelerator, stage: Stage, model, loader, settings: dict, num_
         # the head weight is read by CausalLMLoss.forward, outside the head's own forward
         unwrapped = accelerator.unwrap_model(loss_model)
         deepspeed.zero.register_external_parameter(unwrapped, unwrapped.get_output_embeddings().weight)
-    # one process or DDP (whose gradients are whole and reduced after backward); FSDP clips its shards
-    clip_in_step = fused and accelerator.distributed_type.name in ("NO", "MULTI_GPU")
+    clip_in_step = fused and whole_gradients
     return Prepared(loss_model, optimizer, scheduler, loader, guard, originals, cuda_graphs, clip_in_step)
 
 
