@@ -971,7 +971,7 @@ def main() -> None:
                         "inlined into every layer's kernels by inductor, not stored once (the step before "
                         "2026-12-02's fifth session)")
     parser.add_argument("--torch-adamw", action="store_true", help="ours: torch's fused AdamW step, not "
-                        "ivr.adamw_kernel's one launch per parameter group (the step before 2026-12-03)")
+                        "ivr.adamw_kernel's one launch per parameter group (the step before 2026-12-02's seventh session)")
     parser.add_argument("--config", default="deepspeed_zero2", help="accelerate config for --mode scaling")
     parser.add_argument("--gpus", type=int, default=2, help="GPUs for --mode scaling")
     parser.add_argument("--seq", type=int, default=SEQ, help="sequence length (1024 for the numbers that count)")
