@@ -512,6 +512,7 @@ class Job:
     section: str = "same"  # same: at the same batch; best: each side's best batch; extra
     profile_steps: int = 0
     lever: str | None = None  # ours: one of LEVERS on top of the scope
+    repeat: int = 0  # --repeats: which measurement of the same-batch pair this is
     alone: bool = False  # ran out of GPU memory next to others: again, alone
     state: str = "pending"  # pending -> compiling -> ready -> measuring -> done
     paused: bool = False
@@ -528,7 +529,7 @@ class Job:
     @property
     def label(self) -> str:
         return (f"{self.model} {self.side}{' ' + self.scope if self.scope else ''} b{self.batch}"
-                + (f" {self.lever}" if self.lever else ""))
+                + (f" {self.lever}" if self.lever else "") + (f" #{self.repeat + 1}" if self.repeat else ""))
 
     @property
     def gib(self) -> float:
@@ -548,6 +549,10 @@ def compare_jobs(args) -> list[Job]:
     for model in args.models:
         jobs.append(Job(model, "hf", args.batch))
         jobs += [Job(model, "ours", args.batch, scope, profile_steps=profile) for scope in args.scopes[:1]]
+    for repeat in range(1, args.repeats):  # the pair again, each in new processes, after the first of each
+        for model in args.models:
+            jobs += [Job(model, "hf", args.batch, repeat=repeat),
+                     Job(model, "ours", args.batch, args.scopes[0], repeat=repeat)]
     for scope in args.scopes[1:]:
         jobs += [Job(model, "ours", args.batch, scope, profile_steps=profile) for model in args.models]
     jobs += [job for job in levers if job not in slow]
@@ -750,6 +755,18 @@ def ratio(job: Job | None, anchor: Job | None) -> float | None:
     return job.result["tokens_per_s"] / anchor.result["tokens_per_s"]
 
 
+def median_ratio(pairs: list[tuple[Job | None, Job | None]]) -> dict | None:
+    """--repeats: the median tokens/s of each side over the pairs both of whose runs finished, their
+    ratio, and the lowest and highest ratio within one pair."""
+    done = [(hf.result["tokens_per_s"], ours.result["tokens_per_s"]) for hf, ours in pairs
+            if hf and ours and hf.result and ours.result]
+    if not done:
+        return None
+    hf, ours = float(np.median([h for h, _ in done])), float(np.median([o for _, o in done]))
+    ratios = [o / h for h, o in done]
+    return {"pairs": len(done), "hf": hf, "ours": ours, "ratio": ours / hf, "low": min(ratios), "high": max(ratios)}
+
+
 def disturbed(r: dict) -> bool:
     median = r.get("median_step_tokens_per_s")
     return bool(median) and abs(median / r["tokens_per_s"] - 1) > 0.03
@@ -822,9 +839,9 @@ def run_compare(args) -> None:
     print_profiles(args, jobs)
     env = next((j.result for j in jobs if j.result), {})
 
-    def find(model, side, batch, scope=None, lever=None):
-        return next((j for j in jobs if (j.model, j.side, j.batch, j.lever) == (model, side, batch, lever)
-                     and (side == "hf" or j.scope == scope)), None)
+    def find(model, side, batch, scope=None, lever=None, repeat=0):
+        return next((j for j in jobs if (j.model, j.side, j.batch, j.lever, j.repeat)
+                     == (model, side, batch, lever, repeat) and (side == "hf" or j.scope == scope)), None)
 
     hf_best, ours_best = dict(zip(MODELS, args.hf_best)), dict(zip(MODELS, args.ours_best))
     b = args.batch
@@ -841,6 +858,21 @@ def run_compare(args) -> None:
                     find(model, "ours", b, "blocks"), *(find(model, "ours", b, "graphs", l) for l in args.levers)):
             if job is not None:
                 print(table_row(job, None if job is hf else hf))
+    medians = {}
+    if args.repeats > 1:
+        print(f"SAME BATCH ({b}), {args.repeats} measurements of each side in their own processes, in turn: "
+              f"{SCOPE_NAMES[args.scopes[0]]} / HF Trainer")
+        for model in args.models:
+            pairs = [(find(model, "hf", b, repeat=r), find(model, "ours", b, args.scopes[0], repeat=r))
+                     for r in range(args.repeats)]
+            for hf, ours in pairs[1:]:
+                print(table_row(hf, None) + f"  #{hf.repeat + 1}")
+                print(table_row(ours, hf) + f"  #{ours.repeat + 1}")
+            medians[model] = median_ratio(pairs)
+            m = medians[model]
+            print(f"  {NAMES[model]:<13} median of {m['pairs']} pairs: HF {m['hf'] / 1e3:.1f}k, ours "
+                  f"{m['ours'] / 1e3:.1f}k, {m['ratio']:.2f}x (the pairs' ratios {m['low']:.2f}-{m['high']:.2f}x)"
+                  if m else f"  {NAMES[model]:<13} no complete pair")
     print("BEST BATCH OF EACH (labelled; not the same-batch figure): ours vs HF, each at its own batch")
     print(header)
     for model in args.models:
@@ -849,6 +881,10 @@ def run_compare(args) -> None:
             if job is not None:
                 print(table_row(job, None if job is hf else hf))
     print("SUMMARY")
+    for model, m in medians.items():
+        if m:
+            print(f"  same batch {b}, median of {m['pairs']} measurements of each side, {NAMES[model]}: "
+                  f"{m['ratio']:.2f}x ({'>=' if m['ratio'] >= 1.5 else '<'} 1.5; pairs {m['low']:.2f}-{m['high']:.2f}x)")
     for scope, lever in (*((s, None) for s in args.scopes), *(("graphs", l) for l in args.levers)):
         cells = []
         for model in args.models:
@@ -867,7 +903,8 @@ def run_compare(args) -> None:
             cells.append(f"{NAMES[model]} {'-' if x is None else f'{x:.3f}x'}")
         print(f"  {after} / {before}, our step at batch {b}: " + ", ".join(cells)
               + f"  ({advice} is the better default where this is > 1 for both)")
-    cells = [f"{NAMES[j.model]} {j.scope}{' ' + j.lever if j.lever else ''} b{j.batch}: {j.result['loss']:.4f}"
+    cells = [f"{NAMES[j.model]} {j.scope}{' ' + j.lever if j.lever else ''} b{j.batch}"
+             f"{f' #{j.repeat + 1}' if j.repeat else ''}: {j.result['loss']:.4f}"
              for j in jobs if j.side == "ours" and j.result]
     print("  final loss of our runs (same seeds and data, so alike across scopes): " + "; ".join(cells))
     if any(j.result and disturbed(j.result) for j in jobs):
@@ -904,7 +941,7 @@ def inductor_setting(text: str) -> tuple[str, object]:
     raise argparse.ArgumentTypeError(f"{text!r}: expected KEY=VALUE, VALUE a Python literal")
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--mode", choices=["compare", "scaling", "ours", "hf", "frozen"], default="compare")
     parser.add_argument("--model", choices=MODELS, default="gpt2")
@@ -946,6 +983,9 @@ def main() -> None:
                         help="compare: also our step by blocks at the best batch, if the budget allows")
     parser.add_argument("--budget", type=float, default=540, help="compare: seconds after which no compile "
                         "starts or continues (timed steps of runs already compiled still finish)")
+    parser.add_argument("--repeats", type=int, default=1, help="compare: measure the same-batch pair (the HF "
+                        "Trainer and the first of --scopes) this many times, each in new processes, and print "
+                        "the ratio of the medians (the Trainer's speed moves by several %% between processes)")
     parser.add_argument("--concurrency", type=int, default=4, help="compare: processes at once")
     parser.add_argument("--memory-share", type=float, default=0.7, help="compare: share of GPU memory the "
                         "processes at once may need (by estimate)")
@@ -983,6 +1023,8 @@ def main() -> None:
     args.batch = args.batch or (16 if compare else 64)
     args.steps = args.steps or (25 if compare else 40)
     args.warmup = args.warmup if args.warmup is not None else (10 if compare else 15)
+    if args.repeats < 1:
+        parser.error("--repeats must be at least 1")
     if not 1 <= args.profile_top <= PROFILE_TOP_MOST:
         parser.error(f"--profile-top: 1 to {PROFILE_TOP_MOST}")
     if compare and args.profile and not args.profile_steps:
@@ -997,6 +1039,11 @@ def main() -> None:
         parser.error(f"--scopes: choose from {','.join(SCOPES)}")
     if any(name not in LEVERS for lever in args.levers for name in lever.split("+")):
         parser.error(f"--levers: +-joined names from {','.join(LEVERS)}")
+    return args
+
+
+def main() -> None:
+    args = parse_args()
     set_seq(args.seq)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     {"compare": run_compare, "scaling": run_scaling, "ours": run_ours, "hf": run_hf, "frozen": run_frozen}[args.mode](args)
