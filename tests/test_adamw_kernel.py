@@ -104,3 +104,23 @@ def test_tensors_the_kernel_cannot_take_fall_back_to_torch():
             optimizer.step()
     assert not ours._tables  # a size of 7: torch's step each time
     assert_same(odd, reference, rtol=0, atol=0)
+
+
+def test_a_loaded_state_the_kernel_cannot_address_falls_back_to_torch():
+    from ivr.adamw_kernel import TritonAdamW
+
+    straight = make_params(3)
+    run(TritonAdamW, straight, range(5))
+    first, resumed = make_params(3), make_params(3)
+    saved = copy.deepcopy(run(TritonAdamW, first, range(3)).state_dict())
+    for state in saved["state"].values():  # the same values 4 bytes off 16-byte alignment
+        moved = torch.empty(state["exp_avg"].numel() + 1, device="cuda")[1:].view_as(state["exp_avg"])
+        state["exp_avg"] = moved.copy_(state["exp_avg"])
+    with torch.no_grad():
+        for p, q in zip(resumed, first):
+            p.copy_(q)
+    optimizer = TritonAdamW(groups(resumed), lr=3e-3, betas=(0.9, 0.95), eps=1e-8)
+    optimizer.load_state_dict(saved)
+    run(TritonAdamW, resumed, range(3, 5), optimizer=optimizer)
+    assert not optimizer._tables  # torch's step both times
+    assert_same(resumed, straight)

@@ -6,9 +6,10 @@ it writes every gradient back divided. Here each program updates BLOCK elements 
 it finds through tables of where the tensors lie, so one launch covers a whole group, and the gradients
 are only read. The arithmetic is torch's: decoupled decay, the two moments, then the bias-corrected step,
 in fp32, with the bias corrections computed on the host in double as torch computes them. The state
-(`step`, `exp_avg`, `exp_avg_sq`) is torch's, so checkpoints load either way. A step whose tensors do not
-fit the kernel (not fp32, not contiguous, not 16-byte aligned, a size not a multiple of 4) or that uses
-an option it lacks (amsgrad, maximize, found_inf, a tensor lr) is torch's fused step.
+(`step`, `exp_avg`, `exp_avg_sq`) is torch's, so checkpoints load either way. A step whose tensors
+(parameters, gradients, moments) do not fit the kernel (not fp32, not contiguous, not 16-byte aligned, a
+size not a multiple of 4) or that uses an option it lacks (amsgrad, maximize, found_inf, a tensor lr) is
+torch's fused step.
 """
 
 from __future__ import annotations
@@ -78,7 +79,12 @@ class TritonAdamW(torch.optim.AdamW):
             if group["amsgrad"] or group["maximize"] or torch.is_tensor(group["lr"]):
                 return False
             for p in group["params"]:
-                if p.grad is not None and not (_fits(p) and _fits(p.grad) and p.device == p.grad.device):
+                if p.grad is None:
+                    continue
+                if not (_fits(p) and _fits(p.grad) and p.device == p.grad.device):
+                    return False
+                state = self.state.get(p)  # a loaded state keeps the layout it was given
+                if state and not (_fits(state["exp_avg"]) and _fits(state["exp_avg_sq"])):
                     return False
         return True
 
