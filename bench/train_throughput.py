@@ -529,7 +529,12 @@ class Job:
     @property
     def label(self) -> str:
         return (f"{self.model} {self.side}{' ' + self.scope if self.scope else ''} b{self.batch}"
-                + (f" {self.lever}" if self.lever else "") + (f" #{self.repeat + 1}" if self.repeat else ""))
+                + (f" {self.lever}" if self.lever else "") + self.mark)
+
+    @property
+    def mark(self) -> str:
+        """Which of --repeats' measurements of the pair this is; nothing for the first."""
+        return f" #{self.repeat + 1}" if self.repeat else ""
 
     @property
     def gib(self) -> float:
@@ -866,8 +871,8 @@ def run_compare(args) -> None:
             pairs = [(find(model, "hf", b, repeat=r), find(model, "ours", b, args.scopes[0], repeat=r))
                      for r in range(args.repeats)]
             for hf, ours in pairs[1:]:
-                print(table_row(hf, None) + f"  #{hf.repeat + 1}")
-                print(table_row(ours, hf) + f"  #{ours.repeat + 1}")
+                print(table_row(hf, None) + f" {hf.mark}")
+                print(table_row(ours, hf) + f" {ours.mark}")
             medians[model] = median_ratio(pairs)
             m = medians[model]
             print(f"  {NAMES[model]:<13} median of {m['pairs']} pairs: HF {m['hf'] / 1e3:.1f}k, ours "
@@ -903,8 +908,7 @@ def run_compare(args) -> None:
             cells.append(f"{NAMES[model]} {'-' if x is None else f'{x:.3f}x'}")
         print(f"  {after} / {before}, our step at batch {b}: " + ", ".join(cells)
               + f"  ({advice} is the better default where this is > 1 for both)")
-    cells = [f"{NAMES[j.model]} {j.scope}{' ' + j.lever if j.lever else ''} b{j.batch}"
-             f"{f' #{j.repeat + 1}' if j.repeat else ''}: {j.result['loss']:.4f}"
+    cells = [f"{NAMES[j.model]} {j.scope}{' ' + j.lever if j.lever else ''} b{j.batch}{j.mark}: {j.result['loss']:.4f}"
              for j in jobs if j.side == "ours" and j.result]
     print("  final loss of our runs (same seeds and data, so alike across scopes): " + "; ".join(cells))
     if any(j.result and disturbed(j.result) for j in jobs):
