@@ -445,7 +445,9 @@ LEVERS = {"flash": ["--attention", "flash"],
           "inline-rotary": ["--inline-rotary"], "torch-adamw": ["--torch-adamw"],
           # inductor settings tried as they are
           "combo": ["--inductor", "combo_kernels=True"],
-          "no-mix-order": ["--inductor", "triton.mix_order_reduction=False"]}
+          "no-mix-order": ["--inductor", "triton.mix_order_reduction=False"],
+          # the loss over the whole batch of 16 at once (two chunks at the training default of 8,192)
+          "chunk16k": ["--chunk", "16384"]}
 
 
 def own(args, mode: str, model: str, batch: int, scope: str | None = None, profile_steps: int = 0,
@@ -881,6 +883,9 @@ def run_compare(args) -> None:
     print("BEST BATCH OF EACH (labelled; not the same-batch figure): ours vs HF, each at its own batch")
     print(header)
     for model in args.models:
+        if hf_best[model] == ours_best[model] == b:
+            print(f"  {NAMES[model]:<13} best batch {b} on both sides: the same-batch rows above")
+            continue
         hf = find(model, "hf", hf_best[model])
         for job in (hf, *(find(model, "ours", ours_best[model], scope) for scope in ("body", "graphs", "blocks"))):
             if job is not None:
