@@ -9,6 +9,7 @@ sys.path.insert(0, str(Path(workflow.basedir) / "scripts"))
 from ivr.cli import UserError  # noqa: E402
 from ivr.config import check_input_paths, validate_config  # noqa: E402
 from ivr.files import asset_folder as fetched_folder  # noqa: E402
+from ivr.retention import unseen_spec  # noqa: E402
 
 # Config sources, lowest precedence first (--configfile files override the Snakefile's, --config
 # overrides both), so that an error names the one whose value is in effect.
@@ -124,6 +125,21 @@ def select_args(wildcards, input):
     return " ".join(shlex.quote(str(a)) for a in args)
 
 
+def unseen_texts(role):
+    """The unseen texts of a role (report or dev), as configured."""
+    return config["unseen_texts"][role]
+
+
+def unseen_inputs(*roles):
+    return sorted(
+        {asset_folder(p) for role in roles for t in unseen_texts(role) for p in t["paths"]}
+    )
+
+
+def unseen_args(flag, role):
+    return " ".join(f"{flag} {shlex.quote(unseen_spec(t))}" for t in unseen_texts(role))
+
+
 def remap_inputs(wildcards):
     inputs = {
         "rules": "results/remap/remap_rules.yaml",
@@ -134,6 +150,7 @@ def remap_inputs(wildcards):
         "eval_texts": sorted(
             {asset_folder(p) for t in config["ivr"]["eval_texts"] for p in t["paths"]}
         ),
+        "unseen": unseen_inputs("report", "dev"),
     }
     if has_general():
         inputs["general_heldout"] = "results/corpus/general/heldout.jsonl"
@@ -148,7 +165,7 @@ def remap_args(wildcards, input):
         args += ["--distilled", input.distilled]
     if "general_heldout" in input.keys():
         args += ["--general-heldout", input.general_heldout]
-    for texts in config["ivr"]["eval_texts"]:
+    for texts in config["ivr"]["eval_texts"] + unseen_texts("report") + unseen_texts("dev"):
         args += ["--extra", f"{texts['name']}={','.join(texts['paths'])}"]
     return " ".join(shlex.quote(str(a)) for a in args)
 
@@ -218,7 +235,9 @@ def train_inputs(wildcards):
     }
     if has_general():
         inputs["general_dev"] = "results/corpus/general/dev.jsonl"
+    inputs["unseen_dev"] = unseen_inputs("dev")
     if branch == "ivr":
+        inputs["base"] = local_inputs(base_model())
         inputs["rules"] = "results/remap/remap_rules.yaml"
         inputs["reference"] = "results/data/control/meta.json"
         if config["training"]["control"] and config["training"]["serial"]:
@@ -236,7 +255,9 @@ def train_args(wildcards, input):
     ):
         if key in input.keys():
             args += [flag, input[key]]
-    return " ".join(shlex.quote(str(a)) for a in args)
+    if "base" in input.keys():
+        args += ["--reference-model", base_model()]
+    return " ".join(shlex.quote(str(a)) for a in args) + " " + unseen_args("--unseen-dev", "dev")
 
 
 def branch_settings(wildcards):
@@ -244,11 +265,10 @@ def branch_settings(wildcards):
     IVR budget does not rerun the control, nor the control's learning rate the IVR model).
     """
     settings = dict(config["training"])
-    control_lr = settings.pop("control_lr")
+    control = {key: settings.pop(f"control_{key}") for key in ("lr", "interpolation")}
     if trained_branch(wildcards) == "control":
         settings.pop("budget")
-        if control_lr is not None:
-            settings["lr"] = control_lr
+        settings.update({key: value for key, value in control.items() if value is not None})
     return json.dumps(settings, sort_keys=True)
 
 
@@ -298,7 +318,16 @@ def validate_inputs(wildcards):
         inputs["control"] = "results/model/control"
     if config["ivr"]["backend"] == "unigram":
         inputs["fidelity"] = "results/tokenizer/fidelity.json"
+    inputs["unseen"] = unseen_inputs("report")
+    inputs["training_texts"] = training_texts()
     return inputs
+
+
+def training_texts():
+    """Every split and text that training or a choice of settings reads, which no unseen text may share."""
+    corpora = ["domain", "general"] if has_general() else ["domain"]
+    splits = [f"results/corpus/{c}/{s}.jsonl" for c in corpora for s in ("train", "dev")]
+    return splits + [p for t in unseen_texts("dev") for p in t["paths"]]
 
 
 def validate_args(wildcards, input):
@@ -311,7 +340,9 @@ def validate_args(wildcards, input):
     ):
         if key in input.keys():
             args += [flag, input[key]]
-    return " ".join(shlex.quote(str(a)) for a in args)
+    for path in training_texts():
+        args += ["--training-texts", path]
+    return " ".join(shlex.quote(str(a)) for a in args) + " " + unseen_args("--unseen", "report")
 
 
 def final_model_checksummed_inputs():

@@ -20,6 +20,11 @@ Held rows are checked during training and at the end: the maximum absolute chang
 (DeepSpeed's fp32 master copy) since the stage began must be exactly 0. The embedding and head matrices
 never get weight decay, which would move held rows although their gradient is zero.
 
+After training the weights may be interpolated with the model training started from (training.interpolation,
+ivr/retention.py): `auto` keeps the weight with the best --dev bits per byte among those that hold every
+base-language --unseen-dev text within training.retention_tolerance of --reference-model (the base); the
+weights tried and their scores go into training_stats.json.
+
 Checkpoints (model, optimizer, scheduler, RNG, step, data position, resolved settings) go to
 --checkpoint-dir every training.checkpoint_every steps, under a key hashed from the inputs and settings: a
 rerun resumes from the newest one only when the key matches, otherwise it starts fresh. --out gets a
@@ -56,25 +61,77 @@ from ivr.cli import UserError, atomic_path, log, run_main  # noqa: E402
 from ivr.compute import flops_per_token, plan_steps, reference_steps  # noqa: E402
 from ivr.dev_eval import DevEval, read_dev_texts  # noqa: E402
 from ivr.held_rows import full_state  # noqa: E402
-from ivr.modeling import embedding_weights, load_weights  # noqa: E402
+from ivr.modeling import embedding_weights, load_causal_lm, load_weights  # noqa: E402
 from ivr.tokenization import load_tokenizer  # noqa: E402
 from ivr.packed_data import PackedBlocks, block_stream, read_meta  # noqa: E402
+from ivr.retention import alphas_of, choose_alpha, interpolate, parse_unseen, read_unseen  # noqa: E402
 from ivr.stages import Stage, plan_stages, read_rules  # noqa: E402
 from ivr.train_settings import read_settings_arg, resolve_settings  # noqa: E402
 from ivr.trainer import (Progress, Watch, build_stage_model, load_model, lora_config,  # noqa: E402
                          make_accelerator, run_stage, whole_models)
 
 
-def save_output(out: str, model_dir: str, stage: Stage, settings: dict, state: dict[str, torch.Tensor],
-                trust_remote_code: bool, log_path: Path, stats: dict) -> None:
-    """Write the trained model (LoRA merged) in the input's dtype, with the tokenizer, log and stats.
+def score(model, tokenizer, texts: dict[str, list[str]], byte_budget: int, device) -> dict[str, float]:
+    """Bits per byte of a model on each named set of documents (fp32, the dev split's byte budget)."""
+    from ivr.metrics import bits_per_byte
+
+    batch_tokens = 32768 if torch.device(device).type == "cuda" else 4096
+    with torch.no_grad():
+        return {key: round(bits_per_byte(model, tokenizer, docs, byte_budget, max_batch_tokens=batch_tokens,
+                                         device=device).bits_per_byte, 6)
+                for key, docs in texts.items() if docs}
+
+
+def retain(model, start: dict[str, torch.Tensor], args: argparse.Namespace, settings: dict, device) -> dict:
+    """Interpolate the trained model with the one training started from (training.interpolation), the
+    weight chosen by the retention rule on the dev texts when `auto`; returns what was measured."""
+    alphas = alphas_of(settings["interpolation"])
+    if alphas == (1.0,):
+        return {"alpha": 1.0, "rule": "off (training.interpolation: 1.0)"}
+    trained = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    if len(alphas) == 1:
+        load_weights(model, interpolate(start, trained, alphas[0]))
+        return {"alpha": alphas[0], "rule": "fixed (training.interpolation)"}
+    unseen = [parse_unseen(spec, "--unseen-dev") for spec in args.unseen_dev]
+    docs = {t: read_unseen(t, settings["eval_documents"]) for t in unseen}
+    base_language = {f"{t.name}_bpb": d for t, d in docs.items() if t.language == "base"}
+    if not base_language:
+        return {"alpha": 1.0, "rule": "auto, but no base-language dev text (--unseen-dev) to keep: none"}
+    texts = {"dev_bpb": read_dev_texts(args.dev, settings["eval_documents"]),
+             **{f"{t.name}_bpb": d for t, d in docs.items()}}
+    reference_dir = args.reference_model or args.model  # the base model, with its own tokenizer
+    base = load_causal_lm(reference_dir, device=device, dtype=torch.float32, trust_remote_code=args.trust_remote_code)
+    reference = score(base, load_tokenizer(reference_dir, trust_remote_code=args.trust_remote_code), base_language,
+                      settings["eval_byte_budget"], device)
+    del base
+    tokenizer = load_tokenizer(args.model, trust_remote_code=args.trust_remote_code)
+    scores = {}
+    model.to(device)
+    for alpha in alphas:
+        load_weights(model, interpolate(start, trained, alpha))
+        scores[alpha] = score(model, tokenizer, texts, settings["eval_byte_budget"], device)
+        log.info("interpolation %.2f: %s", alpha, scores[alpha])
+    alpha, why = choose_alpha(scores, reference, settings["retention_tolerance"])
+    load_weights(model, interpolate(start, trained, alpha))
+    model.to("cpu")
+    log.info("interpolation with the start model: alpha %.2f (%s)", alpha, why)
+    return {"alpha": alpha, "rule": why, "tolerance": settings["retention_tolerance"], "reference": reference,
+            "scores": {f"{a:g}": s for a, s in scores.items()}}
+
+
+def save_output(out: str, args: argparse.Namespace, stage: Stage, settings: dict, state: dict[str, torch.Tensor],
+                log_path: Path, stats: dict, device) -> None:
+    """Write the trained model (LoRA merged, interpolated with its start as training.interpolation says) in
+    the input's dtype, with the tokenizer, log and stats.
 
     Held rows get the input model's exact values back; the checks during training proved they did not
     move since prepare, so this only undoes rounding by a bf16 cast at prepare (DeepSpeed).
     """
+    model_dir, trust_remote_code = args.model, args.trust_remote_code
     model = load_model(model_dir, trust_remote_code, dtype="auto")
     held = torch.from_numpy(stage.held_rows)
     before = [w.detach()[held].clone() for w in embedding_weights(model)]
+    start = {k: v.detach().clone() for k, v in model.state_dict().items()}
     if stage.kind == "lora":
         from peft import get_peft_model
 
@@ -83,6 +140,8 @@ def save_output(out: str, model_dir: str, stage: Stage, settings: dict, state: d
         model = model.merge_and_unload()
     else:
         load_weights(model, state)
+    stats["interpolation"] = retain(model, start, args, settings, device)
+    del start
     drift = 0.0
     with torch.no_grad():
         for weight, value in zip(embedding_weights(model), before):
@@ -119,8 +178,10 @@ def dev_watch(args: argparse.Namespace, settings: dict, dataset: PackedBlocks, t
     config = AutoConfig.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
     with torch.device("meta"):  # the shape is enough to count parameters
         shape = AutoModelForCausalLM.from_config(config, trust_remote_code=args.trust_remote_code)
-    texts = {"dev": read_dev_texts(args.dev, settings["eval_documents"]),
-             "general_dev": read_dev_texts(args.general_dev, settings["eval_documents"])}
+    texts = {"dev_bpb": read_dev_texts(args.dev, settings["eval_documents"]),
+             "general_dev_bpb": read_dev_texts(args.general_dev, settings["eval_documents"])}
+    for text in (parse_unseen(spec, "--unseen-dev") for spec in args.unseen_dev):
+        texts[f"{text.name}_bpb"] = read_unseen(text, settings["eval_documents"])
     dev = None
     if any(texts.values()):
         dev = DevEval(load_tokenizer(args.model, trust_remote_code=args.trust_remote_code), texts,
@@ -223,7 +284,7 @@ def train(args: argparse.Namespace) -> None:
             "first_loss": progress.first_loss,
             "ln_vocab": math.log(dataset.meta["vocab_size"]),
             "final_loss": losses[-1]["loss"] if losses else None,
-            "dev_bpb": {k: devs[-1][k] for k in ("dev_bpb", "general_dev_bpb") if k in devs[-1]} if devs else None,
+            "dev_bpb": {k: v for k, v in devs[-1].items() if k.endswith("_bpb")} if devs else None,
             "held_row_checks": progress.checks,
             "plan": plan,
             "world": world,
@@ -231,8 +292,7 @@ def train(args: argparse.Namespace) -> None:
         }
         tracking.flush(accelerator)
         with whole_models(accelerator):
-            save_output(args.out, args.model, stages[-1], settings, final, args.trust_remote_code,
-                        checkpoints.log_path, stats)
+            save_output(args.out, args, stages[-1], settings, final, checkpoints.log_path, stats, accelerator.device)
         logger.info(f"saved {args.out}: {progress.tokens} tokens in {progress.elapsed:.0f} s of training, "
                     f"loss {progress.first_loss:.3f} -> {stats['final_loss']}"
                     + (f", dev bits per byte {stats['dev_bpb']}" if stats["dev_bpb"] else ""))
@@ -253,6 +313,11 @@ def main(argv: list[str] | None = None) -> None:
                                                     "steps are training.budget of the control's (default: its own budget)")
     parser.add_argument("--dev", help="dev split (JSON lines) whose bits per byte the train log reports")
     parser.add_argument("--general-dev", help="general-text dev split, reported beside --dev")
+    parser.add_argument("--unseen-dev", action="append", default=[], metavar="NAME:LANGUAGE=PATH",
+                        help="a dev text from a source no training input reads (LANGUAGE base or domain), reported "
+                             "beside --dev; the base-language ones decide training.interpolation: auto (repeatable)")
+    parser.add_argument("--reference-model", help="the base model whose bits per byte on the base-language "
+                                                  "--unseen-dev texts the retention rule keeps (default: --model)")
     parser.add_argument("--settings", help="training settings: JSON, or a YAML/JSON file (its training: section)")
     parser.add_argument("--set", action="append", metavar="KEY=VALUE", help="override one setting (repeatable)")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: its default)")

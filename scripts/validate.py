@@ -3,8 +3,9 @@
 
 Evaluates the base model (its own tokenizer), the initialized model, the fine-tuned (SFT) model and,
 when given, the control (the base model fine-tuned with its own tokenizer on the same documents):
-bits per byte and tokens per byte on the held-out domain split and on general text, and generation
-speed in bytes of text per second. Gathers distillation fidelity, compression, the frozen-row check,
+bits per byte and tokens per byte on the held-out domain split, on general text and on unseen texts
+(--unseen: sources that no training input reads, in the base's language or the domain's), and
+generation speed in bytes of text per second. Gathers distillation fidelity, compression, the frozen-row check,
 training curves and sample continuations, then writes validation.json (every number), validation.html
 (one self-contained page, plots embedded) and checks the configured gates: a failed gate is recorded
 in the report and makes `finalize_model.py` refuse to write the final model.
@@ -27,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from ivr.cli import UserError, atomic_outputs, log, run_main  # noqa: E402
 from ivr.corpus import iter_jsonl_texts  # noqa: E402
 from ivr.files import read_json  # noqa: E402
+from ivr.retention import parse_unseen, read_unseen, shared_documents  # noqa: E402
 
 MODELS = ("base", "initialized", "sft", "control")
 LABELS = {"base": "base", "initialized": "initialized (IVR, before training)", "sft": "IVR (fine-tuned)", "control": "control (base fine-tuned)"}
@@ -43,8 +45,9 @@ def read_texts(path: Path | None, limit: int) -> list[str]:
     return texts
 
 
-def evaluate(name: str, path: str, domain: list[str], general: list[str], prompts: list[str], opts: argparse.Namespace) -> dict:
-    """Bits and tokens per byte on both held-out texts, and generation speed, of one model."""
+def evaluate(name: str, path: str, domain: list[str], general: list[str], unseen: dict[str, list[str]],
+             prompts: list[str], opts: argparse.Namespace) -> dict:
+    """Bits and tokens per byte on the held-out texts and the unseen texts, and generation speed, of one model."""
     import torch
 
     from ivr.metrics import bits_per_byte, generation_speed
@@ -60,6 +63,9 @@ def evaluate(name: str, path: str, domain: list[str], general: list[str], prompt
         if texts:
             scored = bits_per_byte(model, tokenizer, texts, opts.byte_budget, batch_size=opts.batch_size)
             result[split] = scored.to_dict(with_documents=False)
+    for text_name, texts in unseen.items():
+        scored = bits_per_byte(model, tokenizer, texts, opts.byte_budget, batch_size=opts.batch_size)
+        result.setdefault("unseen", {})[text_name] = scored.to_dict(with_documents=False)
     if prompts and opts.new_tokens:
         result["generation"] = asdict(generation_speed(model, tokenizer, prompts, opts.new_tokens))
     del model
@@ -143,6 +149,9 @@ def compute_table(results: dict) -> str:
         if len(values) == 2:
             cells += f"<td>{fmt(values[0] / values[1], 3) if values[0] is not None and values[1] else '–'}</td>"
         rows += f"<tr><td>{label}</td>{cells}</tr>"
+    alphas = [training[n].get("interpolation", {}).get("alpha") for n in names]
+    rows += ("<tr><td>interpolation with its start (alpha; 1 = none)</td>"
+             + "".join(f"<td>{fmt(a, 2)}</td>" for a in alphas) + ("<td></td>" if len(names) == 2 else "") + "</tr>")
     for split, label in (("domain", "held-out domain bits per byte"), ("general", "held-out general bits per byte")):
         values = [results["models"].get(n, {}).get(split, {}).get("bits_per_byte") for n in names]
         cells = "".join(f"<td>{fmt(v)}</td>" for v in values)
@@ -170,9 +179,33 @@ def render_html(results: dict, logs: dict) -> str:
     )
     gates = "".join(
         f"<tr class='{'pass' if g['passed'] else 'fail'}'><td>{html.escape(g['name'])}</td><td>{html.escape(g['rule'])}</td>"
-        f"<td>{fmt(g['measured'], 4)}</td><td>{fmt(g['threshold'], 4)}</td><td>{'pass' if g['passed'] else 'FAIL'}</td></tr>"
+        f"<td>{fmt(g['measured'], 4)}</td><td>{fmt(g['threshold'], 4)}</td><td>{fmt(g.get('control'), 4)}</td>"
+        f"<td>{'pass' if g['passed'] else 'FAIL'}</td></tr>"
         for g in results["gates"]
     )
+    unseen_rows = ""
+    for text, info in results.get("unseen", {}).items():
+        change = head["unseen_change_vs_base"][text]
+        cells = "".join(
+            f"<td>{fmt(head['unseen_bpb'][text].get(n))}"
+            + (f" ({change[n] * 100:+.1f} %)" if n in change else "") + "</td>"
+            for n in MODELS if n in models
+        )
+        unseen_rows += (f"<tr><td>{html.escape(text)}</td><td>{html.escape(info['language'])}</td>"
+                        f"<td>{info['documents']}</td><td>{info['shared_with_training']}</td>{cells}</tr>")
+    unseen_head = "".join(f"<th>{html.escape(LABELS[n])}</th>" for n in MODELS if n in models)
+    unseen_table = (
+        "<h2>Unseen text: what fine-tuning costs outside the training text</h2><p>Sources that no training input "
+        "and no choice of settings reads; bits per byte (change against the base). <i>base</i>: the base model's "
+        "language; <i>domain</i>: the domain's language outside the domain. Documents shared with a training or dev "
+        "input must be 0.</p><table><tr><th>text</th><th>language</th><th>documents</th><th>shared</th>"
+        f"{unseen_head}</tr>{unseen_rows}</table>" if unseen_rows else "")
+    unseen_line = " ".join(
+        f"<b>{html.escape(text)}</b> ({html.escape(info['language'])}): IVR "
+        f"{head['unseen_change_vs_base'][text].get('sft', 0) * 100:+.1f} %"
+        + (f", control {head['unseen_change_vs_base'][text]['control'] * 100:+.1f} %"
+           if 'control' in head['unseen_change_vs_base'][text] else "") + " against the base."
+        for text, info in results.get("unseen", {}).items())
     plots = [
         _plot_png(lambda ax: _bars(ax, results, "domain", "bits_per_byte", "domain bits per byte (lower is better)")),
         _plot_png(lambda ax: _bars(ax, results, "domain", "tokens_per_byte", "domain tokens per byte")),
@@ -206,9 +239,11 @@ td:first-child,th:first-child{{text-align:left}} .pass td:last-child{{color:#080
 pre{{background:#f6f6f6;padding:1em;overflow:auto;font-size:.8em}}
 </style></head><body>
 <h1>IVR validation: {html.escape(results['base_model'])}</h1>
+<p>Tokenizer backend: <b>{html.escape(str(results['compression'].get('backend', 'unknown')))}</b>.</p>
 <p class="headline"><b>Domain:</b> {fmt(head['domain_tokens_per_byte_reduction'] * 100 if head['domain_tokens_per_byte_reduction'] is not None else None, 1)} % fewer tokens than the base;
 bits per byte base {fmt(head['domain_bpb']['base'])}, control {fmt(head['domain_bpb'].get('control'))}, IVR {fmt(head['domain_bpb']['sft'])}.
 <b>General text:</b> bits per byte base {fmt(head['general_bpb']['base'])}, IVR {fmt(head['general_bpb']['sft'])}.
+{unseen_line}
 <b>Generation:</b> IVR {fmt(head['generation_speedup_vs_control'], 2)}x the control's bytes per second.
 <b>Training compute:</b> IVR {fmt(head.get('ivr_training_flops_share'), 2)}x the control's FLOPs. <b>{verdict}</b>.</p>
 <table><tr><th>model</th><th>domain bits/byte</th><th>domain tokens/byte</th><th>general bits/byte</th><th>generation bytes/s</th></tr>{rows}</table>
@@ -216,7 +251,8 @@ bits per byte base {fmt(head['domain_bpb']['base'])}, control {fmt(head['domain_
 <p>Both models have one shape and batch, so FLOPs follow optimizer steps; the dev-split curves below are
 measured during training (bits per byte on the same dev documents for both, never the held-out ones).</p>
 {compute_table(results)}
-<h2>Gates</h2><table><tr><th>gate</th><th>rule</th><th>measured</th><th>threshold</th><th>result</th></tr>{gates}</table>
+{unseen_table}
+<h2>Gates</h2><table><tr><th>gate</th><th>rule</th><th>measured (IVR)</th><th>threshold</th><th>control</th><th>result</th></tr>{gates}</table>
 <h2>Plots</h2>{images}
 <h2>Continuations of held-out prompts (greedy)</h2>
 <table class="samples"><tr><th>prompt</th>{sample_head}</tr>{samples}</table>
@@ -225,10 +261,29 @@ measured during training (bits per byte on the same dev documents for both, neve
 """
 
 
+def unseen_bpb(models: dict, model: str, text: str) -> float | None:
+    return models.get(model, {}).get("unseen", {}).get(text, {}).get("bits_per_byte")
+
+
 def check_gates(results: dict, gates: dict) -> list[dict]:
     models = results["models"]
     bpb = lambda n, s: models.get(n, {}).get(s, {}).get("bits_per_byte")  # noqa: E731
     out = []
+    for name, info in results.get("unseen", {}).items():
+        ivr, base, control = (unseen_bpb(models, m, name) for m in ("sft", "base", "control"))
+        if info["shared_with_training"]:
+            out.append({"name": f"unseen_{name}", "rule": "no document of this unseen text is in a training or dev input",
+                        "measured": info["shared_with_training"], "threshold": 0, "passed": False})
+        if info["language"] == "base" and gates["retention"]:
+            limit = base * (1 + gates["retention_tolerance"])
+            out.append({"name": f"retention_{name}", "rule": "IVR bits/byte on unseen text in the base's language "
+                        "<= base x (1 + retention_tolerance)", "measured": ivr, "threshold": limit,
+                        "control": control, "passed": ivr <= limit})
+        if info["language"] == "domain" and gates["language_vs_control"] and control is not None:
+            limit = control + gates["control_tolerance"]
+            out.append({"name": f"language_vs_control_{name}", "rule": "IVR bits/byte on unseen text in the domain's "
+                        "language <= control's + tolerance", "measured": ivr, "threshold": limit, "control": control,
+                        "passed": ivr <= limit})
     if bpb("sft", "general") is not None and bpb("base", "general") is not None:
         limit = bpb("base", "general") + gates["general_bpb_tolerance"]
         out.append({"name": "general_bpb", "rule": "IVR general-text bits/byte <= base + tolerance",
@@ -264,6 +319,12 @@ def headline(models: dict) -> dict:
         "general_bpb": {n: get(n, "general", "bits_per_byte") for n in MODELS if n in models},
         "generation_bytes_per_second": {n: speed(n) for n in MODELS if n in models},
         "generation_speedup_vs_control": speed("sft") / anchor if speed("sft") and anchor else None,
+        "unseen_bpb": {text: {n: unseen_bpb(models, n, text) for n in MODELS if n in models}
+                       for text in models.get("base", {}).get("unseen", {})},
+        "unseen_change_vs_base": {
+            text: {n: unseen_bpb(models, n, text) / unseen_bpb(models, "base", text) - 1 for n in MODELS
+                   if n in models and n != "base"}
+            for text in models.get("base", {}).get("unseen", {})},
     }
 
 
@@ -288,6 +349,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--control", help="the control model, if the control branch ran")
     parser.add_argument("--fidelity", type=Path, help="fidelity.json of the distilled tokenizer")
     parser.add_argument("--compression", type=Path, help="compression.json of the remapped tokenizer")
+    parser.add_argument("--unseen", action="append", default=[], metavar="NAME:LANGUAGE=PATH[,PATH...]",
+                        help="a text from a source no training input reads; LANGUAGE base (the base model's main "
+                             "language: the retention gate) or domain (the domain's language outside the domain: "
+                             "the language_vs_control gate); repeatable")
+    parser.add_argument("--training-texts", action="append", default=[], metavar="PATH",
+                        help="a training or dev input (JSON lines) that no unseen document may be part of; repeatable")
     parser.add_argument("--max-documents", type=int, default=200)
     parser.add_argument("--byte-budget", type=int, default=2000, help="bytes scored per document, the same for every model")
     parser.add_argument("--batch-size", type=int, default=8)
@@ -303,7 +370,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 GATE_DEFAULTS = {"general_bpb_tolerance": 0.1, "domain_better_than_initialized": True, "fidelity_min": 0.999,
-                 "ivr_vs_control": False, "general_vs_control": False, "control_tolerance": 0.0}
+                 "ivr_vs_control": False, "general_vs_control": False, "control_tolerance": 0.0,
+                 "retention": True, "retention_tolerance": 0.05, "language_vs_control": True}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -316,8 +384,12 @@ def main(argv: list[str] | None = None) -> None:
     from ivr.metrics import cut_to_bytes
 
     prompts = [cut_to_bytes(t, args.prompt_bytes) for t in domain[: args.prompts]]
+    texts = [parse_unseen(spec, "--unseen") for spec in args.unseen]
+    unseen = {t.name: read_unseen(t, args.max_documents) for t in texts}
+    overlap = {t.name: {"language": t.language, "documents": len(unseen[t.name]),
+                        "shared_with_training": shared_documents(unseen[t.name], args.training_texts)} for t in texts}
     paths = {"base": args.base_model, "initialized": args.initialized, "sft": args.sft, "control": args.control}
-    models = {name: evaluate(name, path, domain, general, prompts, args) for name, path in paths.items() if path}
+    models = {name: evaluate(name, path, domain, general, unseen, prompts, args) for name, path in paths.items() if path}
     logs = {name: read_jsonl(Path(paths[name]) / "train_log.jsonl") for name in ("sft", "control") if paths[name]}
     fidelity = read_json_if(args.fidelity, "fidelity report")
     results = {
@@ -325,6 +397,7 @@ def main(argv: list[str] | None = None) -> None:
         "protocol": {"documents": len(domain), "general_documents": len(general), "byte_budget": args.byte_budget,
                      "prompts": len(prompts), "prompt_bytes": args.prompt_bytes, "new_tokens": args.new_tokens},
         "models": models,
+        "unseen": overlap,
         "prompts": prompts,
         "fidelity": fidelity.get("heldout", fidelity),
         "compression": read_json_if(args.compression, "compression table"),

@@ -3,8 +3,8 @@ an uninterrupted run gives (and clears what the killed run left).
 
 Covered elsewhere, not repeated here: training killed inside its second stage resumes to the same final
 step and the same weights (tests/test_train_sft.py, test_resume_after_sigkill_ends_at_the_same_step_with_the_same_weights);
-two clean runs of the tiny workflow give byte-identical analysis, distilled tokenizer, remap rules, remapped
-tokenizer, embeddings and initialized model (tests/test_workflow.py, test_two_clean_runs_give_byte_identical_artefacts).
+two clean runs of the tiny workflow give byte-identical analysis, remap rules, remapped tokenizer,
+embeddings and initialized model (tests/test_workflow.py, test_two_clean_runs_give_byte_identical_artefacts).
 """
 
 from __future__ import annotations

@@ -216,4 +216,4 @@ def test_config_section_is_checked(ivr, expected):
 
     with pytest.raises(UserError, match=expected.replace(".", r"\.")):
         validate_config({"ivr": ivr})
-    assert validate_config({})["ivr"]["backend"] == "unigram"
+    assert validate_config({})["ivr"]["backend"] == "bpe"

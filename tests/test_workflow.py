@@ -185,10 +185,19 @@ def tree_digest(path: Path) -> dict[str, str]:
 def test_two_clean_runs_give_byte_identical_artefacts(final_model, workdir, tmp_path_factory, gpt2_tokenizer_dir):
     second = make_workdir(tmp_path_factory.mktemp("again"), gpt2_tokenizer_dir)
     snakemake(second, "results/model/initialized")
-    for target in ("results/analysis", "results/tokenizer/distilled", "results/remap/remap_rules.yaml",
+    for target in ("results/analysis", "results/remap/remap_rules.yaml",
                    "results/remap/candidates.tsv", "results/tokenizer/remapped", "results/embeddings",
                    "results/model/initialized"):
         assert tree_digest(workdir / target) == tree_digest(second / target), target
+
+
+def test_the_distilled_tokenizer_is_in_the_dag_for_the_unigram_backend_only(final_model, workdir):
+    (workdir / "unigram.yaml").write_text("ivr:\n  backend: unigram\n")
+    planned = jobs_run(snakemake(workdir, "results/final_model", "-n", configs=("unigram.yaml",)))
+    assert {"distill_tokenizer", "tokenizer_fidelity", "remap_tokenizer"} <= planned, planned
+    assert not (workdir / "results/tokenizer/distilled").exists()  # the default backend, bpe, ran without it
+    report = json.loads((final_model.parent / "report" / "validation.json").read_text())
+    assert report["compression"]["backend"] == "bpe"
 
 
 def test_changing_the_budget_reruns_selection_and_after_but_not_analysis_or_distillation(final_model, workdir):

@@ -134,6 +134,9 @@ def check_input_paths(config: dict, source: str = "config", root: str | Path = "
             named += [([corpus, "paths", n], p) for n, p in enumerate(config[corpus].get("paths", []))]
     for n, texts in enumerate(config.get("ivr", {}).get("eval_texts", [])):
         named += [(["ivr", "eval_texts", n, "paths", m], p) for m, p in enumerate(texts.get("paths", []))]
+    for role, texts in (config.get("unseen_texts") or {}).items():
+        for n, text in enumerate(texts):
+            named += [(["unseen_texts", role, n, "paths", m], p) for m, p in enumerate(text.get("paths", []))]
     for parts, value in ((["ivr", "rules_file"], config.get("ivr", {}).get("rules_file")),
                          (["training", "sft_data"], config.get("training", {}).get("sft_data"))):
         if value:

@@ -15,9 +15,6 @@ import torch
 from ivr.corpus import iter_jsonl_texts
 from ivr.metrics import bits_per_byte
 
-SPLITS = {"dev": "dev_bpb", "general_dev": "general_dev_bpb"}  # split -> key of the train log record
-
-
 def read_dev_texts(path: str | None, limit: int) -> list[str]:
     """The first `limit` documents of a split (all when 0); none without a path."""
     if not path:
@@ -33,7 +30,7 @@ def read_dev_texts(path: str | None, limit: int) -> list[str]:
 @dataclass
 class DevEval:
     tokenizer: object
-    texts: dict[str, list[str]]  # "dev" / "general_dev" -> documents
+    texts: dict[str, list[str]]  # key of the train log record ("dev_bpb", "general_dev_bpb", ...) -> documents
     byte_budget: int
 
     def measure(self, accelerator, model) -> dict[str, float]:
@@ -44,10 +41,10 @@ class DevEval:
         batch_tokens = 32768 if accelerator.device.type == "cuda" else 4096
         out = {}
         with eager, accelerator.autocast():
-            for split, texts in self.texts.items():
+            for key, texts in self.texts.items():
                 if texts:
                     scored = bits_per_byte(model, self.tokenizer, texts, self.byte_budget, max_batch_tokens=batch_tokens,
                                            device=accelerator.device)
-                    out[SPLITS[split]] = round(scored.bits_per_byte, 6)
+                    out[key] = round(scored.bits_per_byte, 6)
         model.train(was_training)
         return out

@@ -1,0 +1,112 @@
+"""What a fine-tuned model keeps outside its training text: unseen texts, interpolation with the start.
+
+Unseen texts come from sources that no training input and no choice of settings reads (config key
+`unseen_texts`): `report` texts are scored once by the report, `dev` texts (from still other sources)
+are where training watches retention and where settings are chosen. Each has a language: `base` (the
+base model's main language, where the model must stay within a tolerance of the base) or `domain`
+(the domain's language outside the domain).
+
+Interpolation (WiSE-FT, Wortsman et al. 2022) moves every weight back towards the model training
+started from: start + alpha x (trained - start). Alpha 1 is the trained model. Rows that training held
+are the same in both, so they stay put; the reassigned rows move back towards their initialisation.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import unicodedata
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+
+from ivr.cli import UserError, log
+from ivr.corpus import iter_jsonl_texts
+
+LANGUAGES = ("base", "domain")
+AUTO_ALPHAS = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1)
+
+
+@dataclass(frozen=True)
+class UnseenText:
+    name: str
+    language: str  # base | domain
+    paths: tuple[str, ...]  # JSON lines of {"text"}
+
+
+def unseen_spec(text: dict) -> str:
+    """A config entry of unseen_texts as the scripts take it: NAME:LANGUAGE=PATH[,PATH...]."""
+    return f"{text['name']}:{text['language']}={','.join(text['paths'])}"
+
+
+def parse_unseen(spec: str, flag: str) -> UnseenText:
+    """NAME:LANGUAGE=PATH[,PATH...], as the rules pass them (--unseen, --unseen-dev)."""
+    head, sep, paths = spec.partition("=")
+    name, _, language = head.partition(":")
+    if not sep or not name or not paths or language not in LANGUAGES:
+        raise UserError(f"{flag} {spec!r}: expected NAME:LANGUAGE=PATH[,PATH...] with LANGUAGE one of "
+                        f"{', '.join(LANGUAGES)}")
+    return UnseenText(name, language, tuple(paths.split(",")))
+
+
+def read_unseen(text: UnseenText, limit: int) -> list[str]:
+    """The first `limit` documents of an unseen text (all when 0)."""
+    docs = []
+    for path in text.paths:
+        for doc in iter_jsonl_texts(path):
+            docs.append(doc)
+            if limit and len(docs) >= limit:
+                return docs
+    if not docs:
+        raise UserError(f"{text.paths[0]}: unseen text '{text.name}' holds no documents")
+    return docs
+
+
+def _key(text: str) -> bytes:
+    return hashlib.sha256(unicodedata.normalize("NFC", text).strip().encode("utf-8")).digest()
+
+
+def shared_documents(unseen: Iterable[str], training_paths: Iterable[str]) -> int:
+    """How many documents of the unseen texts also occur, whole, in any of the training inputs (JSON lines)."""
+    keys = {_key(t) for t in unseen}
+    shared = set()
+    for path in training_paths:
+        for doc in iter_jsonl_texts(path):
+            key = _key(doc)
+            if key in keys:
+                shared.add(key)
+    return len(shared)
+
+
+def interpolate(start: dict[str, torch.Tensor], trained: dict[str, torch.Tensor], alpha: float) -> dict[str, torch.Tensor]:
+    """start + alpha x (trained - start), in fp32, for every tensor of trained (same keys in both)."""
+    missing = sorted(set(trained) - set(start))
+    if missing:
+        raise UserError(f"interpolation: the start model lacks {missing[0]} (and {len(missing) - 1} more)")
+    if alpha == 1.0:
+        return dict(trained)
+    return {k: torch.lerp(start[k].float(), v.float(), alpha).to(v.dtype) if v.is_floating_point() else v
+            for k, v in trained.items()}
+
+
+def alphas_of(setting) -> tuple[float, ...]:
+    """The interpolation weights to try: a number is itself, `auto` the grid from 1.0 down to 0.1."""
+    return AUTO_ALPHAS if setting == "auto" else (float(setting),)
+
+
+def choose_alpha(scores: dict[float, dict[str, float]], reference: dict[str, float], tolerance: float) -> tuple[float, str]:
+    """The retention rule: the alpha with the best domain dev bits per byte (`dev_bpb`) among those that keep
+    every base-language dev text (the keys of `reference`, the base model's bits per byte there) within
+    (1 + tolerance) of the base; with none, the alpha that comes closest. Returns it and why.
+    """
+    def worst(alpha: float) -> float:
+        return max((scores[alpha][k] / v for k, v in reference.items()), default=0.0)
+
+    kept = [a for a in scores if worst(a) <= 1 + tolerance]
+    if kept:
+        best = min(kept, key=lambda a: (scores[a]["dev_bpb"], -a))
+        return best, f"best domain dev among {len(kept)} of {len(scores)} within {tolerance:.0%} of the base"
+    best = min(scores, key=lambda a: (worst(a), -a))
+    log.warning("interpolation: no alpha keeps the base-language dev texts within %.0f%% of the base; "
+                "taking %.2f (worst ratio %.3f)", tolerance * 100, best, worst(best))
+    return best, f"none within {tolerance:.0%} of the base: the closest ({worst(best):.3f}x)"

@@ -1,0 +1,151 @@
+"""Quality outside the training text: interpolation with the start model, the retention rule that picks its
+weight, and the report's gates on unseen text (retention, language_vs_control, no shared documents).
+
+Real parts: the tiny GPT-2 with the real GPT-2 tokenizer, trained on real Korean bills by train_sft.py, scored
+on real English prose by validate.py."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import ROOT, write_jsonl
+from test_train_sft import packed, run, stats, train_command  # noqa: F401 (packed: a fixture)
+
+from ivr.retention import choose_alpha, interpolate, parse_unseen, shared_documents
+from ivr.cli import UserError
+
+
+@pytest.fixture(scope="module")
+def english(tmp_path_factory, english_texts) -> dict[str, Path]:
+    """Two disjoint sets of real English pages: one to watch while training, one to report on."""
+    folder = tmp_path_factory.mktemp("english")
+    return {"dev": write_jsonl(folder / "dev.jsonl", [{"text": t} for t in english_texts[:4]]),
+            "report": write_jsonl(folder / "report.jsonl", [{"text": t} for t in english_texts[4:8]])}
+
+
+@pytest.fixture(scope="module")
+def korean_dev(tmp_path_factory, bills_sample) -> Path:
+    lines = bills_sample.read_text(encoding="utf-8").splitlines()[200:204]
+    return write_jsonl(tmp_path_factory.mktemp("dev") / "dev.jsonl", [json.loads(line) for line in lines])
+
+
+def test_interpolation_is_a_straight_line_from_the_start_that_leaves_unchanged_rows_bit_identical():
+    torch.manual_seed(0)
+    start = {"w": torch.randn(6, 4), "steps": torch.tensor([3])}
+    trained = {"w": start["w"].clone(), "steps": torch.tensor([3])}
+    trained["w"][2:] += torch.randn(4, 4)  # rows 0 and 1 held by training
+    half = interpolate(start, trained, 0.5)
+    assert torch.equal(half["w"][:2], start["w"][:2])
+    assert torch.allclose(half["w"][2:], (start["w"][2:] + trained["w"][2:]) / 2, atol=1e-6)
+    assert torch.equal(interpolate(start, trained, 1.0)["w"], trained["w"])
+    assert torch.equal(half["steps"], trained["steps"])  # not a weight
+    with pytest.raises(UserError, match="lacks extra"):
+        interpolate(start, {**trained, "extra": torch.zeros(1)}, 0.5)
+
+
+def test_the_retention_rule_keeps_the_best_domain_dev_within_the_tolerance_of_the_base():
+    reference = {"prose_bpb": 1.0}
+    scores = {1.0: {"dev_bpb": 0.60, "prose_bpb": 1.40}, 0.7: {"dev_bpb": 0.64, "prose_bpb": 1.05},
+              0.5: {"dev_bpb": 0.70, "prose_bpb": 1.01}, 0.3: {"dev_bpb": 0.90, "prose_bpb": 0.99}}
+    assert choose_alpha(scores, reference, 0.05)[0] == 0.7
+    assert choose_alpha(scores, reference, 0.5)[0] == 1.0
+    assert choose_alpha(scores, reference, 0.0)[0] == 0.3
+    alpha, why = choose_alpha(scores, {"prose_bpb": 0.5}, 0.05)  # none within: the closest
+    assert alpha == 0.3 and "none within" in why
+
+
+def test_unseen_specs_are_checked():
+    text = parse_unseen("prose:base=a.jsonl,b.jsonl", "--unseen")
+    assert (text.name, text.language, text.paths) == ("prose", "base", ("a.jsonl", "b.jsonl"))
+    with pytest.raises(UserError, match="--unseen 'prose:english=a.jsonl'"):
+        parse_unseen("prose:english=a.jsonl", "--unseen")
+
+
+def test_shared_documents_are_found_by_hash_whatever_the_normal_form(tmp_path):
+    train = write_jsonl(tmp_path / "train.jsonl", [{"text": "정부는 법안을 제출한다."}, {"text": "other"}])
+    assert shared_documents(["정부는 법안을 제출한다.", "unseen"], [str(train)]) == 1
+    decomposed = __import__("unicodedata").normalize("NFD", "정부는 법안을 제출한다.")
+    assert shared_documents([decomposed + "\n"], [str(train)]) == 1
+    assert shared_documents(["unseen"], [str(train)]) == 0
+
+
+def train(tiny_gpt2_dir, packed, out: Path, dev: Path, unseen_dev: Path, *settings: str) -> Path:
+    command = train_command(tiny_gpt2_dir, packed, out, out.parent / f"{out.name}_ckpt", None, "stage1_share=0",
+                            "eval_every=0", "eval_documents=4", "eval_byte_budget=300", *settings)
+    run(command + ["--dev", str(dev), "--unseen-dev", f"prose:base={unseen_dev}"])
+    return out
+
+
+@pytest.fixture(scope="module")
+def hard(tmp_path_factory, tiny_gpt2_dir, packed, korean_dev, english) -> Path:
+    """The tiny GPT-2 trained hard on three Korean bills: many passes at a high learning rate, no interpolation."""
+    out = tmp_path_factory.mktemp("hard") / "model"
+    return train(tiny_gpt2_dir, packed, out, korean_dev, english["dev"], "epochs=4", "lr=3e-2", "interpolation=1.0")
+
+
+def test_auto_interpolation_follows_the_rule_and_a_fixed_one_is_the_straight_line(tmp_path, tiny_gpt2_dir, packed,
+                                                                                   korean_dev, english, hard):
+    auto = train(tiny_gpt2_dir, packed, tmp_path / "auto", korean_dev, english["dev"], "epochs=4", "lr=3e-2",
+                 "interpolation=auto")
+    chosen = stats(auto)["interpolation"]
+    scores = {float(a): s for a, s in chosen["scores"].items()}
+    assert sorted(scores) == pytest.approx([0.1 * k for k in range(1, 11)])
+    assert chosen["alpha"] == choose_alpha(scores, chosen["reference"], 0.05)[0]
+    assert set(chosen["reference"]) == {"prose_bpb"}
+    assert scores[1.0]["prose_bpb"] > chosen["reference"]["prose_bpb"]  # training on Korean cost English
+
+    fixed = train(tiny_gpt2_dir, packed, tmp_path / "fixed", korean_dev, english["dev"], "epochs=4", "lr=3e-2",
+                  "interpolation=0.25")
+    start, trained, mixed = (load_file(Path(p) / "model.safetensors") for p in (tiny_gpt2_dir, hard, fixed))
+    for key, value in mixed.items():
+        assert torch.allclose(value, start[key] + 0.25 * (trained[key] - start[key]), atol=1e-5), key
+    assert stats(fixed)["interpolation"] == {"alpha": 0.25, "rule": "fixed (training.interpolation)"}
+
+
+def validate(tmp: Path, base: Path, sft: Path, heldout: Path, unseen: list[str], training_texts: list[Path]) -> dict:
+    command = [sys.executable, str(ROOT / "scripts" / "validate.py"), "--heldout", str(heldout),
+               "--base-model", str(base), "--initialized", str(base), "--sft", str(sft), "--control", str(base),
+               "--max-documents", "4", "--byte-budget", "300", "--batch-size", "4", "--prompts", "0",
+               "--device", "cpu", "--out-json", str(tmp / "validation.json"), "--out-html", str(tmp / "validation.html")]
+    for spec in unseen:
+        command += ["--unseen", spec]
+    for path in training_texts:
+        command += ["--training-texts", str(path)]
+    done = subprocess.run(command, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads((tmp / "validation.json").read_text())
+
+
+def test_the_retention_gate_fails_for_a_model_trained_hard_on_one_text(tmp_path, tiny_gpt2_dir, hard, korean_dev,
+                                                                       english, bills_sample):
+    korean = write_jsonl(tmp_path / "korean.jsonl", [json.loads(line) for line in
+                                                     bills_sample.read_text(encoding="utf-8").splitlines()[300:304]])
+    report = validate(tmp_path, tiny_gpt2_dir, hard, korean_dev, [f"prose:base={english['report']}",
+                                                                   f"other_korean:domain={korean}"], [korean_dev])
+    gates = {g["name"]: g for g in report["gates"]}
+    retention = gates["retention_prose"]
+    base = report["models"]["base"]["unseen"]["prose"]["bits_per_byte"]
+    assert retention["threshold"] == pytest.approx(base * 1.05)
+    assert not retention["passed"] and retention["measured"] > retention["threshold"]
+    assert report["headline"]["unseen_change_vs_base"]["prose"]["sft"] > 0.05
+    control_korean = report["models"]["control"]["unseen"]["other_korean"]["bits_per_byte"]
+    assert gates["language_vs_control_other_korean"]["control"] == control_korean
+    assert not report["gates_passed"]
+    assert report["unseen"]["prose"] == {"language": "base", "documents": 4, "shared_with_training": 0}
+    page = (tmp_path / "validation.html").read_text(encoding="utf-8")
+    assert "Unseen text" in page and "retention_prose" in page
+
+
+def test_an_unseen_document_that_training_read_fails_its_gate(tmp_path, tiny_gpt2_dir, korean_dev, english):
+    leaked = write_jsonl(tmp_path / "train.jsonl", [json.loads(l) for l in english["report"].read_text().splitlines()[:1]])
+    report = validate(tmp_path, tiny_gpt2_dir, tiny_gpt2_dir, korean_dev, [f"prose:base={english['report']}"],
+                      [korean_dev, leaked])
+    gate = {g["name"]: g for g in report["gates"]}["unseen_prose"]
+    assert gate["measured"] == 1 and not gate["passed"] and report["unseen"]["prose"]["shared_with_training"] == 1
