@@ -8,16 +8,21 @@ corpus splits (snakemake ... results/model/initialized results/data/control/meta
     python bench/tune_training.py --configfile config/gpu.yaml --share 0.125 --parallel 6
 
 It packs the first --share of the training documents for both branches (the general-text share as
-configured), then trains (scripts/train_sft.py, as the training rule does) and scores every trial by
-bits per byte on the whole dev split (documents cut to --eval-bytes), never on the held-out split:
+configured), then trains (scripts/train_sft.py, as the training rule does, each trial interpolated with
+its start as training.interpolation says) and scores every trial by bits per byte on the whole dev split
+(documents cut to --eval-bytes) and on the dev texts of unseen_texts, never on the held-out split or the
+report's unseen texts:
 
   round 1  peak learning rate 3e-4, 6e-4, 1.2e-3 for each branch (IVR: the configured budget and stages)
   round 2  control: one more learning rate, beyond its best if that was at the edge of the grid, else
            halfway (geometrically) towards its better neighbour; IVR: stage1_share 0.05 at its best rate
 
-Each branch gets four trials. Writes into --out: trials.jsonl (one line a trial: settings, dev bits per
-byte, tokens, FLOPs, wall-clock), ablation.md (the table) and chosen.yaml (the winners, as a config file
-to pass after the others: training.lr, training.control_lr, training.stage1_share).
+Each branch gets four trials, chosen by the same retention rule: the best domain dev bits per byte among
+the trials whose bits per byte on every base-language dev text stay within training.retention_tolerance
+of the base model's (with none, the trial that comes closest). Writes into --out: trials.jsonl (one line
+a trial: settings, dev bits per byte before and after interpolation, tokens, FLOPs, wall-clock),
+ablation.md (the table) and chosen.yaml (the winners, as a config file to pass after the others:
+training.lr, training.control_lr, training.stage1_share).
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 
 from ivr.config import read_configs  # noqa: E402
+from ivr.retention import unseen_spec  # noqa: E402
 
 GRID = (3e-4, 6e-4, 1.2e-3)
 
@@ -81,9 +87,10 @@ def pack_reduced(config: dict, share: float, out: Path) -> dict[str, Path]:
 def trial_command(config: dict, branch: str, name: str, overrides: dict, data: dict[str, Path], out: Path,
                   eval_bytes: int, micro_batch: int) -> list[str]:
     settings = dict(config["training"])
-    settings.pop("control_lr")
+    control = {key: settings.pop(f"control_{key}") for key in ("lr", "interpolation")}
     if branch == "control":
         settings.pop("budget")
+        settings.update({key: value for key, value in control.items() if value is not None})
     settings.update(overrides)
     global_batch = settings["micro_batch_size"] * settings["gradient_accumulation"]
     if micro_batch and global_batch % micro_batch == 0:  # the same global batch in less memory
@@ -97,6 +104,9 @@ def trial_command(config: dict, branch: str, name: str, overrides: dict, data: d
                "--dev", "results/corpus/domain/dev.jsonl"]
     if config["general_corpus"]:
         command += ["--general-dev", "results/corpus/general/dev.jsonl"]
+    for text in config["unseen_texts"]["dev"]:
+        command += ["--unseen-dev", unseen_spec(text)]
+    command += ["--reference-model", base_model(config)]
     if branch == "ivr":
         command += ["--rules", "results/remap/remap_rules.yaml", "--compute-reference", str(data["control"])]
     return command
@@ -113,7 +123,11 @@ def run_trials(trials: list[tuple[str, str, dict]], config: dict, data: dict[str
         stats = json.loads((out / name / "model" / "training_stats.json").read_text())
         shutil.copyfile(out / name / "model" / "train_log.jsonl", out / name / "train_log.jsonl")
         shutil.rmtree(out / name / "model")  # the dev figures are all a trial leaves
+        interpolation = stats["interpolation"]
+        after = interpolation.get("scores", {}).get(f"{interpolation['alpha']:g}", {})
         record = {"branch": branch, "name": name, "overrides": overrides, **stats["dev_bpb"],
+                  "alpha": interpolation["alpha"], "interpolated": {**stats["dev_bpb"], **after},
+                  "reference": interpolation.get("reference", {}),
                   "optimizer_steps": stats["optimizer_steps"], "tokens": stats["tokens_seen"],
                   "flops": stats["training_flops"], "passes": stats["passes"], "train_seconds": stats["wall_clock_s"],
                   "process_seconds": round(time.perf_counter() - began, 1), "parallel": parallel}
@@ -124,9 +138,23 @@ def run_trials(trials: list[tuple[str, str, dict]], config: dict, data: dict[str
         return list(pool.map(one, trials))
 
 
-def next_rate(results: list[dict]) -> float:
+def retention_ratio(record: dict) -> float:
+    """The worst ratio, over the base-language dev texts, of the trial's bits per byte to the base model's."""
+    return max((record["interpolated"][k] / v for k, v in record["reference"].items()), default=0.0)
+
+
+def best(records: list[dict], tolerance: float) -> dict:
+    """The retention rule: the best domain dev among the trials that keep the base within the tolerance."""
+    kept = [r for r in records if retention_ratio(r) <= 1 + tolerance]
+    if not kept:
+        return min(records, key=retention_ratio)
+    return min(kept, key=lambda r: r["interpolated"]["dev_bpb"])
+
+
+def next_rate(results: list[dict], tolerance: float) -> float:
     """Round 2's extra learning rate for a branch, from its round-1 results on GRID."""
-    score = {r["overrides"]["lr"]: r["dev_bpb"] for r in results}
+    score = {r["overrides"]["lr"]: r["interpolated"]["dev_bpb"] if retention_ratio(r) <= 1 + tolerance else math.inf
+             for r in results}
     best = min(score, key=score.get)
     index = GRID.index(best)
     if index == len(GRID) - 1:
@@ -137,14 +165,22 @@ def next_rate(results: list[dict]) -> float:
     return round(math.sqrt(best * neighbour), 10)
 
 
-def table(records: list[dict]) -> str:
-    lines = ["| branch | trial | settings | dev bits/byte | general dev bits/byte | steps | tokens | training FLOPs | "
-             "train s | process s |", "|---|---|---|---|---|---|---|---|---|---|"]
+def table(records: list[dict], unseen: list[str]) -> str:
+    """Each trial's dev figures as trained (alpha 1) -> after its interpolation (alpha)."""
+    keys = ["dev_bpb", "general_dev_bpb", *(f"{name}_bpb" for name in unseen)]
+    heads = ["domain dev", "general dev", *unseen]
+    lines = ["| branch | trial | settings | alpha | " + " | ".join(f"{h} bits/byte" for h in heads)
+             + " | steps | tokens | training FLOPs | train s | process s |",
+             "|---" * (9 + len(keys)) + "|"]
     for r in records:
         settings = ", ".join(f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}" for k, v in r["overrides"].items())
-        lines.append(f"| {r['branch']} | {r['name']} | {settings} | {r['dev_bpb']:.4f} | "
-                     f"{r.get('general_dev_bpb', float('nan')):.4f} | {r['optimizer_steps']} | {r['tokens']:,} | "
-                     f"{r['flops']:.3e} | {r['train_seconds']:.0f} | {r['process_seconds']:.0f} |")
+        cells = " | ".join(f"{r.get(k, math.nan):.4f} -> {r['interpolated'].get(k, r.get(k, math.nan)):.4f}" for k in keys)
+        lines.append(f"| {r['branch']} | {r['name']} | {settings} | {r['alpha']:g} | {cells} | {r['optimizer_steps']} | "
+                     f"{r['tokens']:,} | {r['flops']:.3e} | {r['train_seconds']:.0f} | {r['process_seconds']:.0f} |")
+    reference = next((r["reference"] for r in records if r["reference"]), {})
+    if reference:
+        lines.append("\nThe base model on the base-language dev texts: "
+                     + ", ".join(f"{k.removesuffix('_bpb')} {v:.4f}" for k, v in reference.items()) + ".")
     return "\n".join(lines) + "\n"
 
 
@@ -169,16 +205,14 @@ def main() -> None:
     runs = args.out / "runs"
     first = [(branch, f"{branch}_lr{lr:g}", {"lr": lr}) for branch in ("control", "ivr") for lr in GRID]
     records = run_trials(first, config, data, runs, args.parallel, args.eval_bytes, args.micro_batch)
+    tolerance = config["training"]["retention_tolerance"]
     by_branch = {b: [r for r in records if r["branch"] == b] for b in ("control", "ivr")}
-    ivr_best = min(by_branch["ivr"], key=lambda r: r["dev_bpb"])["overrides"]["lr"]
-    extra = next_rate(by_branch["control"])
+    ivr_best = best(by_branch["ivr"], tolerance)["overrides"]["lr"]
+    extra = next_rate(by_branch["control"], tolerance)
     second = [("control", f"control_lr{extra:g}", {"lr": extra}),
               ("ivr", f"ivr_lr{ivr_best:g}_stage1_0.05", {"lr": ivr_best, "stage1_share": 0.05})]
     records += run_trials(second, config, data, runs, args.parallel, args.eval_bytes, args.micro_batch)
-    chosen = {}
-    for branch in ("control", "ivr"):
-        best = min((r for r in records if r["branch"] == branch), key=lambda r: r["dev_bpb"])
-        chosen[branch] = best
+    chosen = {branch: best([r for r in records if r["branch"] == branch], tolerance) for branch in ("control", "ivr")}
     training = {"control_lr": chosen["control"]["overrides"]["lr"], "lr": chosen["ivr"]["overrides"]["lr"],
                 "stage1_share": chosen["ivr"]["overrides"].get("stage1_share", config["training"]["stage1_share"])}
     with open(args.out / "trials.jsonl", "w") as handle:
@@ -186,8 +220,9 @@ def main() -> None:
     (args.out / "chosen.yaml").write_text(
         "# Chosen on the dev split by bench/tune_training.py (" + f"share {args.share:g}, {len(records) // 2} trials "
         "per branch)\n" + yaml.safe_dump({"training": training}, sort_keys=True))
-    (args.out / "ablation.md").write_text(table(records))
-    print(table(records))
+    unseen = [text["name"] for text in config["unseen_texts"]["dev"]]
+    (args.out / "ablation.md").write_text(table(records, unseen))
+    print(table(records, unseen))
     print(f"chosen: {training} ({time.perf_counter() - began:.0f} s in all)")
 
 

@@ -72,11 +72,16 @@ from ivr.trainer import (Progress, Watch, build_stage_model, load_model, lora_co
 
 
 def score(model, tokenizer, texts: dict[str, list[str]], byte_budget: int, device) -> dict[str, float]:
-    """Bits per byte of a model on each named set of documents (fp32, the dev split's byte budget)."""
+    """Bits per byte of a model on each named set of documents, measured as the dev split is while training
+    (bf16 autocast on a GPU)."""
+    import contextlib
+
     from ivr.metrics import bits_per_byte
 
-    batch_tokens = 32768 if torch.device(device).type == "cuda" else 4096
-    with torch.no_grad():
+    cuda = torch.device(device).type == "cuda"
+    batch_tokens = 32768 if cuda else 4096
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
+    with torch.no_grad(), autocast:
         return {key: round(bits_per_byte(model, tokenizer, docs, byte_budget, max_batch_tokens=batch_tokens,
                                          device=device).bits_per_byte, 6)
                 for key, docs in texts.items() if docs}

@@ -371,7 +371,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 GATE_DEFAULTS = {"general_bpb_tolerance": 0.1, "domain_better_than_initialized": True, "fidelity_min": 0.999,
                  "ivr_vs_control": False, "general_vs_control": False, "control_tolerance": 0.0,
-                 "retention": True, "retention_tolerance": 0.05, "language_vs_control": True}
+                 "retention": True, "retention_tolerance": 0.05, "language_vs_control": False}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -118,6 +118,7 @@ def validate(tmp: Path, base: Path, sft: Path, heldout: Path, unseen: list[str],
         command += ["--unseen", spec]
     for path in training_texts:
         command += ["--training-texts", str(path)]
+    command += ["--gates", json.dumps({"language_vs_control": True})]
     done = subprocess.run(command, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads((tmp / "validation.json").read_text())

@@ -30,7 +30,8 @@ def snakemake(workdir: Path, *args: str, configs: tuple[str, ...] = (), check: b
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory, gpt2_tokenizer_dir) -> Path:
-    for name in ("korean_bills", "python_docs"):
+    for name in ("korean_bills", "python_docs", "austen_novels", "libreoffice_help_ko", "convention_speeches",
+                 "gnome_help_ko"):
         asset(name)
     return make_workdir(tmp_path_factory.mktemp("workflow"), gpt2_tokenizer_dir)
 
@@ -231,6 +232,25 @@ def test_ivr_budget_is_its_share_of_the_controls_steps_and_both_watch_the_dev_sp
     assert "<h2>Training compute</h2>" in report and "bytes of text seen" in report
     headline = json.loads((final_model.parent / "report" / "validation.json").read_text())["headline"]
     assert headline["ivr_training_flops_share"] == 0.5
+
+
+def test_unseen_texts_are_scored_for_every_model_and_share_no_document_with_any_training_input(final_model, workdir):
+    """The defaults of unseen_texts: the report scores every model on the report texts (checked by hash against
+    the training and dev splits and the dev texts), training watches the dev texts, compression counts all four."""
+    report = json.loads((final_model.parent / "report" / "validation.json").read_text())
+    assert set(report["unseen"]) == {"austen_novels", "libreoffice_help_ko"}
+    assert all(info["shared_with_training"] == 0 and info["documents"] > 0 for info in report["unseen"].values())
+    for model in ("base", "initialized", "sft", "control"):
+        assert set(report["models"][model]["unseen"]) == {"austen_novels", "libreoffice_help_ko"}
+    assert set(report["headline"]["unseen_change_vs_base"]["austen_novels"]) == {"initialized", "sft", "control"}
+    for name in ("sft", "control"):
+        records = [json.loads(l) for l in (workdir / f"results/model/{name}/train_log.jsonl").read_text().splitlines()]
+        assert all({"convention_speeches_bpb", "gnome_help_ko_bpb"} <= set(r) for r in records if "dev_bpb" in r)
+        interpolation = json.loads((workdir / f"results/model/{name}/training_stats.json").read_text())["interpolation"]
+        assert interpolation["alpha"] in [float(a) for a in interpolation["scores"]]
+        assert set(interpolation["reference"]) == {"convention_speeches_bpb"}
+    compression = json.loads((workdir / "results/remap/compression.json").read_text())
+    assert {"austen_novels", "libreoffice_help_ko", "convention_speeches", "gnome_help_ko"} <= set(compression["corpora"])
 
 
 def test_a_branchs_own_settings_rerun_only_that_branch(final_model, workdir):
