@@ -1,7 +1,7 @@
 """The final model (scripts/finalize_model.py): written only when every gate of the validation report passes,
 as a folder a user loads with from_pretrained, with its rules, model card and provenance. The report is the
-real one of the default GPU run (docs/gpu_default_run/), whose gates all passed, and the same report with
-its ivr_vs_control gate failed as a stricter threshold would fail it."""
+real one of the default GPU run (docs/evidence/default_run/), whose gates all passed, and the same report
+with its ivr_vs_control gate failed as a stricter threshold would fail it."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from ivr.base_bpe import load_base
 from ivr.files import sha256_of
 from ivr.remap_rules import dump_rules, make_rule, piece_segmentation
 
-GPU_RUN = ROOT / "docs" / "gpu_default_run" / "validation.json"
+GPU_RUN = ROOT / "docs" / "evidence" / "default_run" / "validation.json"
 
 
 @pytest.fixture(scope="module")

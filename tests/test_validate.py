@@ -16,7 +16,7 @@ import pytest
 from conftest import ROOT, write_jsonl
 
 BYTES = 200
-GPU_RUN = ROOT / "docs" / "gpu_default_run"  # real fidelity and compression reports
+GPU_RUN = ROOT / "docs" / "evidence" / "default_run"  # real fidelity and compression reports
 
 
 def validate(tmp: Path, models: Path, heldout: Path, general: Path) -> subprocess.CompletedProcess:
