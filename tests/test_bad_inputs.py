@@ -460,6 +460,8 @@ CASES: dict[str, Callable] = {
                                                   ["key 'ivr.rules_file'", "'my rules.yaml' does not exist"]),
     "config_corpus_path_missing": snakemake_config("corpus:\n  paths: [data/bills 2024.jsonl]\n",
                                                    ["key 'corpus.paths.0'", "'data/bills 2024.jsonl' does not exist"]),
+    "config_dataset_folder_missing": snakemake_config("corpus:\n  dataset: {name: ./my datasets/bills}\n",
+                                                      ["key 'corpus.dataset.name'", "'./my datasets/bills' does not exist"]),
     "config_special_tokens_and_rules_file": snakemake_config(
         "ivr:\n  special_tokens: [{token: '<ToW>', init_text: a thought}]\n  rules_file: my rules.yaml\n",
         ["ivr.special_tokens and ivr.rules_file are both set", "list the special tokens in the rules file"]),
