@@ -60,8 +60,28 @@ def corpus_config(corpus):
     return config["corpus"] if corpus == "domain" else config["general_corpus"]
 
 
+def corpus_sources(corpus_cfg):
+    """What a corpus reads: its dataset when one is set (a hub id among them), else its paths."""
+    dataset = corpus_cfg["dataset"]
+    return [dataset["name"]] if dataset else list(corpus_cfg["paths"])
+
+
 def corpus_inputs(wildcards):
-    return sorted({asset_folder(p) for p in corpus_config(wildcards.corpus)["paths"]})
+    """The corpus's files and folders; a local dataset folder is one, a dataset's hub id is none."""
+    cfg = corpus_config(wildcards.corpus)
+    local = [p for p in corpus_sources(cfg) if not cfg["dataset"] or os.path.exists(p)]
+    return sorted({asset_folder(p) for p in local})
+
+
+def corpus_source_args(wildcards):
+    """The ingest arguments naming what it reads: the corpus paths, or --dataset and its split."""
+    dataset = corpus_config(wildcards.corpus)["dataset"]
+    if not dataset:
+        args = corpus_config(wildcards.corpus)["paths"]
+    else:
+        args = ["--dataset", dataset["name"], "--dataset-split", dataset["split"]]
+        args += ["--dataset-config", dataset["config"]] if dataset["config"] else []
+    return " ".join(shlex.quote(str(a)) for a in args)
 
 
 def has_general():
@@ -347,9 +367,9 @@ def validate_args(wildcards, input):
 
 def final_model_checksummed_inputs():
     """Inputs whose SHA-256 goes into the final model's provenance: corpora and the base model."""
-    paths = list(config["corpus"]["paths"])
+    paths = corpus_sources(config["corpus"])
     if has_general():
-        paths += config["general_corpus"]["paths"]
+        paths += corpus_sources(config["general_corpus"])
     if Path(config["base_model"]).exists():
         paths.append(config["base_model"])
     return paths

@@ -17,10 +17,10 @@ rule ingest_corpus:
         ENV
     params:
         script=script("ingest_corpus.py"),
-        paths=lambda wildcards: corpus_config(wildcards.corpus)["paths"],
+        source=corpus_source_args,
         opts=lambda wildcards: corpus_config(wildcards.corpus),
     shell:
-        "python {params.script:q} {params.paths:q}"
+        "python {params.script:q} {params.source}"
         " --format {params.opts[format]} --txt-mode {params.opts[txt_mode]}"
         " --text-key {params.opts[text_key]:q} --text-column {params.opts[text_column]:q}"
         " --max-document-bytes {params.opts[max_document_bytes]} --max-documents {params.opts[max_documents]}"

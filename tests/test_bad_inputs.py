@@ -97,9 +97,11 @@ def splits(tmp_path_factory, bills_sample) -> dict[str, Path]:
 # ---- ingest: corpus files -------------------------------------------------------------------------
 
 
-def ingest(tmp: Path, corpus: Path, *extra) -> Run:
+def ingest(tmp: Path, corpus: Path, *extra, dataset: bool = False) -> Run:
+    """Ingest of a corpus file or folder, or of a dataset folder."""
     out = tmp / "out dir"
-    argv = script("ingest_corpus.py", corpus, *extra, "--train-out", out / "train.jsonl", "--dev-out", out / "dev.jsonl",
+    source = ["--dataset", corpus] if dataset else [corpus]
+    argv = script("ingest_corpus.py", *source, *extra, "--train-out", out / "train.jsonl", "--dev-out", out / "dev.jsonl",
                   "--heldout-out", out / "heldout.jsonl", "--stats-out", out / "ingest.json")
     return Run(argv, [str(corpus)], out)
 
@@ -151,6 +153,53 @@ def parquet_without_column(tmp: Path, get) -> Run:
     pq.write_table(pa.table({"propose_reason": ["국회 법률안"]}), path)
     run = ingest(tmp, path, "--text-column", "body")
     run.expect.append("no column 'body'")
+    return run
+
+
+BILL_LINES = "".join(json.dumps({"text": f"국회 법률안 {n}호: 제안이유 및 주요내용"}, ensure_ascii=False) + "\n"
+                     for n in range(2000)).encode()
+
+
+def truncated_gzip(tmp: Path, get) -> Run:
+    import gzip
+
+    whole = gzip.compress(BILL_LINES)
+    run = ingest(tmp, corpus_file(tmp, "bills.jsonl.gz", whole[: len(whole) // 2]))
+    run.expect.append("not readable as gzip data, truncated or damaged")
+    return run
+
+
+def zstd_damaged_frame(tmp: Path, get) -> Run:
+    import zstandard
+
+    frame = bytearray(zstandard.ZstdCompressor(write_checksum=True).compress(BILL_LINES))  # as the zstd tool writes
+    frame[len(frame) // 2] ^= 0xFF
+    run = ingest(tmp, corpus_file(tmp, "bills.jsonl.zst", bytes(frame)))
+    run.expect.append("not readable as zstd data, truncated or damaged")
+    return run
+
+
+def saved_dataset(tmp: Path) -> Path:
+    import datasets
+
+    folder = tmp / "my dataset"
+    texts = ["국회 법률안", "제안이유 및 주요내용"]
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict({"propose_reason": texts}),
+                          "test": datasets.Dataset.from_dict({"propose_reason": texts[:1]})}).save_to_disk(folder)
+    return folder
+
+
+def dataset_without_column(tmp: Path, get) -> Run:
+    folder = saved_dataset(tmp)
+    run = ingest(tmp, folder, "--text-column", "text", dataset=True)
+    run.expect.append("split 'train' has no column 'text' (columns: propose_reason; set corpus.text_column)")
+    return run
+
+
+def dataset_split_missing(tmp: Path, get) -> Run:
+    folder = saved_dataset(tmp)
+    run = ingest(tmp, folder, "--text-column", "propose_reason", "--dataset-split", "validation", dataset=True)
+    run.expect.append("the dataset has no split 'validation' (splits: train, test; set corpus.dataset.split)")
     return run
 
 
@@ -399,6 +448,10 @@ CASES: dict[str, Callable] = {
     "one_enormous_line": ingest_case("bills.txt", "국회 법률안\n".encode() + b"a" * ENORMOUS + b"\n",
                                      [f"line 2: document of {ENORMOUS} bytes exceeds corpus.max_document_bytes"]),
     "parquet_without_column": parquet_without_column,
+    "gzip_truncated": truncated_gzip,
+    "zstd_damaged_frame": zstd_damaged_frame,
+    "dataset_without_text_column": dataset_without_column,
+    "dataset_split_missing": dataset_split_missing,
     # the configuration (Snakemake, before any job runs)
     "config_unknown_key": snakemake_config("training:\n  learning_rate: 1.0e-4\n", ["unknown key 'training.learning_rate'"]),
     "config_wrong_type": snakemake_config("analysis:\n  threads: two\n", ["key 'analysis.threads'", "'two' is not of type 'integer'"]),
@@ -407,6 +460,8 @@ CASES: dict[str, Callable] = {
                                                   ["key 'ivr.rules_file'", "'my rules.yaml' does not exist"]),
     "config_corpus_path_missing": snakemake_config("corpus:\n  paths: [data/bills 2024.jsonl]\n",
                                                    ["key 'corpus.paths.0'", "'data/bills 2024.jsonl' does not exist"]),
+    "config_dataset_folder_missing": snakemake_config("corpus:\n  dataset: {name: ./my datasets/bills}\n",
+                                                      ["key 'corpus.dataset.name'", "'./my datasets/bills' does not exist"]),
     "config_special_tokens_and_rules_file": snakemake_config(
         "ivr:\n  special_tokens: [{token: '<ToW>', init_text: a thought}]\n  rules_file: my rules.yaml\n",
         ["ivr.special_tokens and ivr.rules_file are both set", "list the special tokens in the rules file"]),

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import bz2
+import gzip
 import json
+import lzma
 import subprocess
 import sys
 import unicodedata
@@ -15,7 +18,7 @@ import pytest
 from conftest import ROOT
 from ingest_corpus import ingest
 from ivr.cli import UserError
-from ivr.corpus import ReadOptions, iter_jsonl_texts
+from ivr.corpus import DatasetSource, ReadOptions, iter_jsonl_texts
 
 SCRIPT = ROOT / "scripts" / "ingest_corpus.py"
 
@@ -24,11 +27,112 @@ def run_ingest(tmp_path: Path, inputs: list[Path], **kw) -> dict:
     opts = ReadOptions(**{k: v for k, v in kw.items() if k in ReadOptions.__dataclass_fields__})
     outputs = {split: tmp_path / f"{split}.jsonl" for split in ("train", "dev", "heldout")}
     return ingest([str(p) for p in inputs], opts, outputs, kw.get("fraction", 0.2), kw.get("seed", 7),
-                  dev_fraction=kw.get("dev_fraction", 0.1))
+                  dev_fraction=kw.get("dev_fraction", 0.1), dataset=kw.get("dataset"))
 
 
 def all_texts(tmp_path: Path) -> list[str]:
     return [t for split in ("train", "dev", "heldout") for t in iter_jsonl_texts(tmp_path / f"{split}.jsonl")]
+
+
+def split_sets(folder: Path) -> dict[str, set[str]]:
+    return {split: set(iter_jsonl_texts(folder / f"{split}.jsonl")) for split in ("train", "dev", "heldout")}
+
+
+def zstd_compress(data: bytes) -> bytes:
+    import zstandard
+
+    return zstandard.ZstdCompressor(write_checksum=True).compress(data)
+
+
+COMPRESS = {"gz": gzip.compress, "zst": zstd_compress, "bz2": bz2.compress, "xz": lzma.compress}
+
+
+@pytest.fixture(scope="module")
+def mixed_texts(korean_texts, english_texts) -> list[str]:
+    """Real Korean bills and constitution lines with English documentation pages, one line each."""
+    return [t.replace("\n", " ") for t in korean_texts[:60] + english_texts[:20]]
+
+
+def as_jsonl(texts: list[str]) -> bytes:
+    return "".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in texts).encode()
+
+
+@pytest.mark.parametrize("compression", sorted(COMPRESS))
+def test_compressed_files_give_the_same_documents_and_split(tmp_path, mixed_texts, compression):
+    plain = {"txt": "\n".join(mixed_texts).encode(), "jsonl": as_jsonl(mixed_texts),
+             "json": json.dumps([{"text": t} for t in mixed_texts], ensure_ascii=False).encode()}
+    for fmt, data in plain.items():
+        (tmp_path / f"c.{fmt}").write_bytes(data)
+        (tmp_path / f"c.{fmt}.{compression}").write_bytes(COMPRESS[compression](data))
+        results = []
+        for name in (f"c.{fmt}", f"c.{fmt}.{compression}"):
+            out = tmp_path / f"out {name}"
+            out.mkdir()
+            stats = run_ingest(out, [tmp_path / name])
+            assert stats["documents_read"] == len(mixed_texts)
+            results.append(split_sets(out))
+        assert results[0] == results[1]
+        assert sum(map(len, results[0].values())) == len(set(mixed_texts))
+
+
+def test_compressed_parquet_is_refused(tmp_path):
+    pq.write_table(pa.table({"text": ["국회 법률안"]}), tmp_path / "p.parquet")
+    (tmp_path / "p.parquet.gz").write_bytes(gzip.compress((tmp_path / "p.parquet").read_bytes()))
+    with pytest.raises(UserError, match=r"p\.parquet\.gz: a compressed parquet file is not read"):
+        run_ingest(tmp_path, [tmp_path / "p.parquet.gz"])
+
+
+def test_folder_of_mixed_shards_equals_the_single_file(tmp_path, mixed_texts):
+    """Shards in sorted path order hold the single file's documents in order: the outputs are the same
+    files; shuffled over the shards, the same documents fall in the same splits."""
+    docs = mixed_texts + mixed_texts[:5]  # duplicates across shards are dropped as in one file
+    (tmp_path / "single.jsonl").write_bytes(as_jsonl(docs))
+    cuts = [0, 13, 26, 39, 52, 65, len(docs)]
+    parts = [docs[start:end] for start, end in zip(cuts, cuts[1:])]
+    for order, shards in (("sorted", parts), ("shuffled", [parts[3], parts[0], parts[5], parts[1], parts[4], parts[2]])):
+        folder = tmp_path / order
+        (folder / "sub").mkdir(parents=True)
+        (folder / "00.txt").write_bytes("\n".join(shards[0]).encode())
+        (folder / "01.jsonl.gz").write_bytes(gzip.compress(as_jsonl(shards[1])))
+        (folder / "02.jsonl.zst").write_bytes(zstd_compress(as_jsonl(shards[2])))
+        (folder / "03.txt.zst").write_bytes(zstd_compress("\n".join(shards[3]).encode()))
+        (folder / "sub" / "04.jsonl").write_bytes(as_jsonl(shards[4]))
+        pq.write_table(pa.table({"text": shards[5]}), folder / "sub" / "05.parquet")
+    results = {}
+    for name in ("single.jsonl", "sorted", "shuffled"):
+        out = tmp_path / f"out {name}"
+        out.mkdir()
+        stats = run_ingest(out, [tmp_path / name])
+        assert stats["documents_read"] == len(docs) and stats["dropped_duplicate"] == 5
+        results[name] = out
+    for split in ("train", "dev", "heldout"):
+        single = (results["single.jsonl"] / f"{split}.jsonl").read_bytes()
+        assert (results["sorted"] / f"{split}.jsonl").read_bytes() == single
+    assert split_sets(results["shuffled"]) == split_sets(results["single.jsonl"])
+    assert all(split_sets(results["single.jsonl"]).values())
+
+
+def test_datasets_saved_to_disk_and_data_file_folders_give_the_same_split(tmp_path, mixed_texts):
+    import datasets
+
+    (tmp_path / "c.jsonl").write_bytes(as_jsonl(mixed_texts))
+    datasets.Dataset.from_dict({"text": mixed_texts, "n": list(range(len(mixed_texts)))}).save_to_disk(tmp_path / "one")
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict({"body": ["validation text"]}),
+                          "validation": datasets.Dataset.from_dict({"body": mixed_texts})}).save_to_disk(tmp_path / "two")
+    (tmp_path / "files").mkdir()  # data files as load_dataset reads them, streamed: the split from the name
+    (tmp_path / "files" / "test.jsonl.gz").write_bytes(gzip.compress(as_jsonl(mixed_texts)))
+    sources = {"file": None, "one": DatasetSource(str(tmp_path / "one")),
+               "two": DatasetSource(str(tmp_path / "two"), split="validation"),
+               "files": DatasetSource(str(tmp_path / "files"), split="test")}
+    results = {}
+    for name, source in sources.items():
+        out = tmp_path / f"out {name}"
+        out.mkdir()
+        stats = run_ingest(out, [tmp_path / "c.jsonl"] if source is None else [], dataset=source,
+                           text_column="body" if name == "two" else "text")
+        assert stats["documents_read"] == len(mixed_texts)
+        results[name] = split_sets(out)
+    assert results["one"] == results["two"] == results["files"] == results["file"]
 
 
 def test_every_format_gives_the_same_documents(tmp_path, korean_texts):

@@ -63,6 +63,8 @@ _NOT_SPACE_FIRST_RE2 = f"^[^{_WHITESPACE_RE2}]"
 
 VERIFY_EVERY = 32  # every n-th distinct pre-token segmented by ranks is checked against the HF model
 GUARD_EVERY = 256  # every n-th training document is encoded by the tokenizer itself and compared
+IN_FLIGHT = 4  # chunks sent to the helper and not yet answered: past this the cutter waits, so that
+# chunks never pile up in memory while the helper lags
 _W: dict = {}
 
 
@@ -240,7 +242,7 @@ def _index_chunk(task: tuple[str, int, int, bool]) -> dict:
         lens = np.fromiter(map(len, rows), np.int64, count=len(rows))
         sources.append((elsewise, Ragged(lens, _number_keys([key for row in rows for key in row]))))
     doc_units, local = interleave(sources, n_docs)
-    sample = [(i, _W["tok"].encode(docs[i].as_py(), add_special_tokens=False).ids)
+    sample = [(i, np.array(_W["tok"].encode(docs[i].as_py(), add_special_tokens=False).ids, np.int64))
               for i in range(0, n_docs, GUARD_EVERY)] if keep_sequence else []
     known = _W["units"][WORD].total[0]
     return {
@@ -462,11 +464,11 @@ def _analyze(spec: dict, splits: dict[str, Path], out_dir: Path, threads: int, e
         _init_cutter(spec, tok, exact)
         bin_path, offsets_path, meta_path, freq_path, pretokens_path, stats_path = paths
         bin_path.write_bytes(b"")  # the helper appends the training split's ids, chunk by chunk
-        sample: list[tuple[int, list[int]]] = []
+        sample: list[tuple[int, np.ndarray]] = []
         asked: deque = deque()  # AsyncResults of _resolve_units not yet taken, in order
 
         def take_answers(wait: bool) -> None:
-            while asked and (wait or asked[0].ready()):
+            while asked and (wait or asked[0].ready() or len(asked) > IN_FLIGHT):
                 answer = asked.popleft().get()
                 table.add(answer)
                 if "doc_tokens" in answer:
@@ -520,11 +522,13 @@ def _analyze(spec: dict, splits: dict[str, Path], out_dir: Path, threads: int, e
     return stats
 
 
-def _guard(sample: list[tuple[int, list[int]]], train: Path, bin_path: Path, offsets: np.ndarray, dtype) -> None:
-    """The sampled documents' ids in train_ids.bin must equal the tokenizer's own, exactly."""
-    ids = np.memmap(bin_path, dtype=dtype, mode="r") if offsets[-1] else np.zeros(0, dtype)
+def _guard(sample: list[tuple[int, np.ndarray]], train: Path, bin_path: Path, offsets: np.ndarray, dtype) -> None:
+    """The sampled documents' ids in train_ids.bin must equal the tokenizer's own, exactly. Each is read
+    on its own: a memory map would fault in much of the file around the samples."""
+    size = np.dtype(dtype).itemsize
     for number, expected in sample:
-        if ids[offsets[number] : offsets[number + 1]].tolist() != expected:
+        start, end = int(offsets[number]), int(offsets[number + 1])
+        if not np.array_equal(np.fromfile(bin_path, dtype, count=end - start, offset=start * size), expected):
             raise RuntimeError(
                 f"{train}: document {number + 1}: the fast pre-tokenizer disagrees with the tokenizer; "
                 "rerun with --exact-pretokenizer and report this document"

@@ -130,7 +130,10 @@ def check_input_paths(config: dict, source: str = "config", root: str | Path = "
     root = Path(root)
     named: list[tuple[list, str]] = []  # (key path, path)
     for corpus in ("corpus", "general_corpus"):
-        if config.get(corpus):
+        dataset = (config.get(corpus) or {}).get("dataset")
+        if dataset:  # a local dataset folder must exist; a hub id is looked up when ingest runs
+            named += [([corpus, "dataset", "name"], dataset["name"])] if looks_local(dataset["name"]) else []
+        elif config.get(corpus):
             named += [([corpus, "paths", n], p) for n, p in enumerate(config[corpus].get("paths", []))]
     for n, texts in enumerate(config.get("ivr", {}).get("eval_texts", [])):
         named += [(["ivr", "eval_texts", n, "paths", m], p) for m, p in enumerate(texts.get("paths", []))]

@@ -1,18 +1,26 @@
-"""Reading user corpora: .txt, .jsonl, .json and .parquet, strictly, with exact error locations."""
+"""Reading user corpora, strictly, with exact error locations: .txt, .jsonl, .json and .parquet files (the
+text formats also compressed as .gz, .zst, .bz2 or .xz), and Hugging Face datasets."""
 
 from __future__ import annotations
 
+import bz2
+import gzip
 import hashlib
+import io
 import json
+import lzma
 import os
 import unicodedata
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
-from ivr.cli import UserError
+from ivr.cli import UserError, first_line
 
 FORMATS = ("txt", "jsonl", "json", "parquet")
+COMPRESSIONS = {".gz": "gzip", ".zst": "zstd", ".bz2": "bzip2", ".xz": "xz"}
 BOM = b"\xef\xbb\xbf"
 
 
@@ -25,16 +33,29 @@ class ReadOptions:
     max_document_bytes: int = 16 * 1024 * 1024
 
 
+@dataclass(frozen=True)
+class DatasetSource:
+    """A Hugging Face dataset: a save_to_disk folder, a folder or hub id that load_dataset reads."""
+
+    name: str
+    config: str | None = None
+    split: str = "train"
+
+
+def compression_of(path: Path) -> str | None:
+    return COMPRESSIONS.get(path.suffix.lower())
+
+
 def detect_format(path: Path, fmt: str) -> str:
     if fmt != "auto":
         return fmt
-    suffix = path.suffix.lower()
+    suffix = (path.with_suffix("") if compression_of(path) else path).suffix.lower()
     for name in FORMATS:
         if suffix == f".{name}":
             return name
     raise UserError(
         f"{path}: cannot tell the corpus format from the suffix '{suffix}'; "
-        "set corpus.format to one of txt, jsonl, json, parquet"
+        "set corpus.format to one of txt, jsonl, json, parquet (compressed files end in .gz, .zst, .bz2 or .xz)"
     )
 
 
@@ -83,12 +104,80 @@ def _check_size(text: str, where: str, opts: ReadOptions) -> None:
         )
 
 
+class _ZstdReader(io.RawIOBase):
+    """The frames of a .zst file decompressed one after another. zstandard's own stream reader ends
+    quietly where a cut-off file ends inside a frame; this raises EOFError there, as gzip, bz2 and lzma do."""
+
+    def __init__(self, path: Path):
+        import zstandard
+
+        self._file = open(path, "rb")
+        self._decompressor = zstandard.ZstdDecompressor()
+        self._frame = self._decompressor.decompressobj()
+        self._in_frame = False
+        self._pending = b""  # decompressed bytes not yet handed out, from self._offset on
+        self._offset = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        while self._offset == len(self._pending):
+            chunk = self._file.read(1 << 16)
+            if not chunk:
+                if self._in_frame:
+                    raise EOFError("compressed file ended inside a zstd frame")
+                return 0
+            parts = []
+            while chunk:
+                parts.append(self._frame.decompress(chunk))
+                self._in_frame = not self._frame.eof
+                if self._frame.eof:  # the rest of the chunk starts the next frame
+                    chunk = self._frame.unused_data
+                    self._frame = self._decompressor.decompressobj()
+                else:
+                    chunk = b""
+            self._pending, self._offset = b"".join(parts), 0
+        size = min(len(buffer), len(self._pending) - self._offset)
+        buffer[:size] = memoryview(self._pending)[self._offset:self._offset + size]
+        self._offset += size
+        return size
+
+    def close(self) -> None:
+        self._file.close()
+        super().close()
+
+
+def open_binary(path: Path) -> BinaryIO:
+    """The bytes of a file, decompressed by its suffix (.gz, .zst, .bz2, .xz), as one stream."""
+    compression = compression_of(path)
+    if compression == "gzip":
+        return gzip.open(path, "rb")
+    if compression == "bzip2":
+        return bz2.open(path, "rb")
+    if compression == "xz":
+        return lzma.open(path, "rb")
+    if compression == "zstd":
+        return io.BufferedReader(_ZstdReader(path), buffer_size=1 << 16)
+    return open(path, "rb")
+
+
+def _decompression_errors() -> tuple[type[BaseException], ...]:
+    import zstandard
+
+    return EOFError, OSError, zlib.error, lzma.LZMAError, zstandard.ZstdError
+
+
+def _read_all(path: Path) -> bytes:
+    with open_binary(path) as handle:
+        return handle.read()
+
+
 def _iter_lines(path: Path) -> Iterator[tuple[int, bytes]]:
-    with open(path, "rb") as handle:
-        head = handle.read(3)
-        _check_bom(path, head)
-        handle.seek(0)
+    with open_binary(path) as handle:
         for number, raw in enumerate(handle, start=1):
+            if number == 1:
+                _check_bom(path, raw)
             yield number, raw.rstrip(b"\r\n")
 
 
@@ -108,8 +197,22 @@ def _from_record(record, key: str, where: str) -> str:
 def read_documents(path: Path, opts: ReadOptions) -> Iterator[str]:
     """Yield the raw documents of one file, raising UserError with file and line on bad input."""
     fmt = detect_format(path, opts.format)
+    compression = compression_of(path)
+    if compression is None:
+        yield from _read_documents(path, fmt, opts)
+        return
+    if fmt == "parquet":
+        raise UserError(f"{path}: a compressed parquet file is not read (parquet compresses its columns itself); "
+                        "decompress it")
+    try:
+        yield from _read_documents(path, fmt, opts)
+    except _decompression_errors() as err:
+        raise UserError(f"{path}: not readable as {compression} data, truncated or damaged ({first_line(err)})") from None
+
+
+def _read_documents(path: Path, fmt: str, opts: ReadOptions) -> Iterator[str]:
     if fmt == "txt" and opts.txt_mode == "file":
-        raw = path.read_bytes()
+        raw = _read_all(path)
         _check_bom(path, raw[:3])
         text = _decode(raw, str(path))
         _check_size(text, str(path), opts)
@@ -134,7 +237,7 @@ def read_documents(path: Path, opts: ReadOptions) -> Iterator[str]:
             _check_size(text, where, opts)
             yield text
     elif fmt == "json":
-        raw = path.read_bytes()
+        raw = _read_all(path)
         _check_bom(path, raw[:3])
         try:
             data = json.loads(_decode(raw, str(path)))
@@ -173,13 +276,75 @@ def _read_parquet(path: Path, opts: ReadOptions) -> Iterator[str]:
     for batch in handle.iter_batches(columns=[opts.text_column], batch_size=4096):
         for text in batch.column(0).to_pylist():
             row += 1
+            if text is not None:
+                yield _checked_text(text, f"{path}: row {row}", opts)
+
+
+def _checked_text(text: str, where: str, opts: ReadOptions) -> str:
+    if "\x00" in text:
+        raise UserError(f"{where}: contains a NUL character (binary data is not text)")
+    _check_size(text, where, opts)
+    return text
+
+
+def read_dataset(source: DatasetSource, opts: ReadOptions) -> Iterator[str]:
+    """Yield the raw documents of a Hugging Face dataset's split, streamed: a save_to_disk folder through
+    load_from_disk (memory-mapped Arrow), anything else (a hub id, a folder of data files) through
+    load_dataset(streaming=True). The text is in column opts.text_column."""
+    import datasets
+
+    if os.environ.get("IVR_NO_PROGRESS"):
+        datasets.disable_progress_bars()
+    name, column = source.name, opts.text_column
+    saved = Path(name, "dataset_dict.json").is_file() or Path(name, "state.json").is_file()
+    if saved and source.config is not None:
+        raise UserError(f"{name}: a save_to_disk folder has no configurations; set corpus.dataset.config to null")
+    try:
+        loaded = datasets.load_from_disk(name) if saved else datasets.load_dataset(name, source.config, streaming=True)
+    except Exception as err:  # whatever the datasets library raises for a dataset it cannot find or read
+        raise UserError(f"{name}: cannot load the dataset ({first_line(err)})") from None
+    if isinstance(loaded, (datasets.DatasetDict, datasets.IterableDatasetDict)):
+        if source.split not in loaded:
+            raise UserError(f"{name}: the dataset has no split '{source.split}' (splits: {', '.join(loaded)}; "
+                            "set corpus.dataset.split)")
+        data = loaded[source.split]
+    else:  # a single dataset saved to disk: its own split, 'train' when it names none
+        own = str(loaded.split) if loaded.split is not None else "train"
+        if source.split != own:
+            raise UserError(f"{name}: the dataset holds one split, '{own}', not '{source.split}' (set corpus.dataset.split)")
+        data = loaded
+    if data.column_names is not None:  # a streamed dataset may not know its columns before its first row
+        if column not in data.column_names:
+            raise UserError(f"{name}: split '{source.split}' has no column '{column}' "
+                            f"(columns: {', '.join(data.column_names)}; set corpus.text_column)")
+        data = data.select_columns([column])
+    row = 0
+    try:
+        for text in _column_values(data, column, f"{name}: split '{source.split}'"):
+            row += 1
             if text is None:
                 continue
-            where = f"{path}: row {row}"
-            if "\x00" in text:
-                raise UserError(f"{where}: contains a NUL character (binary data is not text)")
-            _check_size(text, where, opts)
-            yield text
+            where = f"{name}: split '{source.split}' row {row}"
+            if not isinstance(text, str):
+                raise UserError(f"{where}: column '{column}' holds {type(text).__name__}, expected a string")
+            yield _checked_text(text, where, opts)
+    except UserError:
+        raise
+    except Exception as err:  # a data file that the dataset's loader cannot read
+        raise UserError(f"{name}: split '{source.split}' row {row + 1}: cannot read the dataset ({first_line(err)})") from None
+
+
+def _column_values(data, column: str, where: str) -> Iterator:
+    import datasets
+
+    if isinstance(data, datasets.Dataset):  # memory-mapped Arrow, read in batches
+        for batch in data.iter(batch_size=4096):
+            yield from batch[column]
+        return
+    for record in data:
+        if column not in record:
+            raise UserError(f"{where} has no column '{column}' (columns: {', '.join(record)}; set corpus.text_column)")
+        yield record[column]
 
 
 def clean(text: str) -> str:
