@@ -167,11 +167,14 @@ def test_report_renders_in_chromium_with_its_plots(final_model, tmp_path):
 
 
 def test_a_failing_gate_stops_the_run_with_one_clear_line(final_model, workdir):
-    (workdir / "strict.yaml").write_text("validation:\n  gates:\n    fidelity_min: 0.999999\n")
-    result = snakemake(workdir, "results/final_model", configs=("strict.yaml",), check=False)
+    """An "unseen" report text that is the training split itself: its documents are found in training, so its
+    gate fails and no final model is written."""
+    (workdir / "leak.yaml").write_text("unseen_texts:\n  report:\n    - name: leak\n      language: domain\n"
+                                       "      paths: [results/corpus/domain/train.jsonl]\n")
+    result = snakemake(workdir, "results/final_model", configs=("leak.yaml",), check=False)
     assert result.returncode != 0
     text = result.stdout + result.stderr
-    assert re.search(r"error: .*gate 'fidelity' failed: measured 0\.\d+, threshold 0\.999999", text), text[-2000:]
+    assert re.search(r"error: .*gate 'unseen_leak' failed: measured [1-9]\d*, threshold 0 \(no document", text), text[-2000:]
     assert (workdir / "results" / "report" / "validation.html").exists()
     assert not (workdir / "results" / "final_model").exists()
 
