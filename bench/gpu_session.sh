@@ -55,7 +55,8 @@ import sys
 sys.path.insert(0, "scripts")
 from ivr.config import read_configs
 c = read_configs(sys.argv[2:])
-print(eval(sys.argv[1]))
+value = eval(sys.argv[1])
+print(str(value).lower() if isinstance(value, bool) else value)
 PY
 }
 
@@ -288,7 +289,7 @@ orchestrate() {
   fi
   wait
   if ! stage default_run "$PY" -m snakemake results/final_model "${SNAKE_OPTS[@]}" "${CHOSEN[@]}"; then
-    [[ $(cfg "c['training']['cuda_graphs']") == True ]] && compiled_body || return 1
+    [[ $(cfg "c['training']['cuda_graphs']") == true ]] && compiled_body || return 1
     say "the default run failed with CUDA graphs: once more without them (it resumes from its checkpoints)"
     mv "$STATE/default_run.log" "$STATE/default_run_graphs.log"
     override cuda_graphs false "failed in the default run (see default_run_graphs.log)"
