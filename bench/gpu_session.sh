@@ -110,12 +110,17 @@ stash() {
 }
 
 install() {
-  local modules="torch, transformers, accelerate, snakemake, jsonschema, gguf, tensorboard"
-  [[ $DEEPSPEED == 1 ]] && modules+=", deepspeed"
+  local modules=(torch transformers accelerate snakemake jsonschema gguf tensorboard)
+  [[ $DEEPSPEED == 1 ]] && modules+=(deepspeed)
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-  "$PY" -c "import $modules
-print(*(f'{m.__name__} {getattr(m, \"__version__\", \"\")}' for m in ($modules)), 'cuda', torch.cuda.is_available())"
+  "$PY" - "${modules[@]}" <<'PY'
+import importlib, sys
+from importlib.metadata import version
+for name in sys.argv[1:]:
+    importlib.import_module(name)
+print(*(f"{name} {version(name)}" for name in sys.argv[1:]), "cuda", importlib.import_module("torch").cuda.is_available())
+PY
   stash
 }
 
