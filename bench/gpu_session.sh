@@ -69,7 +69,7 @@ needed_assets() { # the asset folders (resources/assets/NAME) the configured run
 }
 
 pack() {
-  local assets tree=0 whl=0 part sha count call
+  local assets tree=0 whl=0 part sha count call carry command mib
   assets=$(needed_assets) || return 1
   read -r -d '' -a assets <<<"$assets"
   ((${#assets[@]})) || { echo "error: Snakemake listed no assets for ${CONFIGS[*]}" >&2; return 1; }
@@ -85,18 +85,17 @@ pack() {
   ((part > 1048576)) || { echo "error: the work tree and .whl leave no room in a call of $CALL_MIB MiB" >&2; return 1; }
   split -b "$part" -d -a 2 .devcarry/all/assets.tgz .devcarry/all/assets.tgz.part.
   rm .devcarry/all/assets.tgz
-  count=$(find .devcarry/all -name 'assets.tgz.part.*' | wc -l)
-  call=0
+  count=0
   for file in .devcarry/all/assets.tgz.part.*; do
-    call=$((call + 1))
-    mkdir -p ".devcarry/$call" && mv "$file" ".devcarry/$call/"
+    count=$((count + 1))
+    mkdir -p ".devcarry/$count" && mv "$file" ".devcarry/$count/"
   done
   rmdir .devcarry/all
   echo "$sha $count ${assets[*]}" >.devcarry/1/assets.manifest
   echo "assets: ${assets[*]} ($((tree / 1048576)) MiB of work tree, $((whl / 1048576)) MiB of .whl)"
   echo "| call | carry | MiB | command |"
   for ((call = 1; call <= count; call++)); do
-    local carry="\".devcarry/$call\"" command="bash bench/gpu_session.sh stash" mib
+    carry="\".devcarry/$call\"" command="bash bench/gpu_session.sh stash"
     mib=$(du -sbL ".devcarry/$call" | cut -f1)
     ((call == 1)) && carry="\".whl\", $carry" command="bash bench/gpu_session.sh install" mib=$((mib + whl))
     ((call == count)) && command="$command && bash bench/gpu_session.sh run"
@@ -184,12 +183,13 @@ stage() { # stage NAME COMMAND...: run it, log it, mark it done or failed; a sta
 }
 
 base_model() { # the base model's folder, as the workflow converts a GGUF
-  cfg "c['base_model'] if not c['base_model'].endswith('.gguf') else
-    'resources/models/' + c['base_model'].rsplit('/', 1)[-1].removesuffix('.gguf')"
+  cfg "(c['base_model'] if not c['base_model'].endswith('.gguf') else
+    'resources/models/' + c['base_model'].rsplit('/', 1)[-1].removesuffix('.gguf'))"
 }
 
 extra_run() { # extra_run NAME SETTING: the IVR model again with one setting changed, and its report
-  local name=$1 setting=$2 settings
+  local name=$1 setting=$2 settings base
+  base=$(base_model) || return 1
   settings=$("$PY" - "$setting" "${CONFIGS[@]}" "${CHOSEN[@]}" <<'PY'
 import json, sys
 sys.path.insert(0, "scripts")
@@ -207,7 +207,7 @@ PY
     --checkpoint-dir "results/checkpoints/$name" --out "results/extra/$name" &&
     "$PY" scripts/validate.py --heldout results/corpus/domain/heldout.jsonl --general-heldout results/corpus/general/heldout.jsonl \
       --compression results/remap/compression.json --fidelity results/tokenizer/fidelity.json \
-      --base-model "$(base_model)" --initialized results/model/initialized \
+      --base-model "$base" --initialized results/model/initialized \
       --sft "results/extra/$name" --control results/model/control --max-documents 300 --byte-budget 2000 \
       --batch-size 32 --prompts 5 --prompt-bytes 120 --new-tokens 64 \
       --out-json "results/extra/$name.validation.json" --out-html "results/extra/$name.validation.html"
@@ -271,8 +271,10 @@ orchestrate() {
     stage bench taskset -c 0-3 "$PY" bench/train_throughput.py --mode compare --profile $BENCH &
     bench=$!
   fi
-  stage cpu_stages taskset -c "${IVR_SESSION_CPUS:-4-15}" "$PY" -m snakemake "${CPU_TARGETS[@]}" "${SNAKE_OPTS[@]}" ||
+  if ! stage cpu_stages taskset -c "${IVR_SESSION_CPUS:-4-15}" "$PY" -m snakemake "${CPU_TARGETS[@]}" "${SNAKE_OPTS[@]}"; then
+    [[ -n $bench ]] && say "waiting for the throughput benchmark (a resume keeps its figures)" && wait "$bench"
     return 1
+  fi
   if [[ -n $bench ]]; then
     say "waiting for the throughput benchmark"
     wait "$bench"
