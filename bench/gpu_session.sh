@@ -15,7 +15,8 @@
 #                                         throughput benchmark (cores 0-3) beside the CPU stages (cores
 #                                         4-15); the tuning on the dev split and the DeepSpeed check; the
 #                                         default run with the chosen settings; the extra IVR runs. A
-#                                         fresh session: what an earlier one marked done or failed is cleared
+#                                         fresh session: what an earlier one marked done or failed is
+#                                         cleared, its logs moved to previous/
 #   bash bench/gpu_session.sh resume      the same, keeping the stages marked done: after a failure, the
 #                                         failed stage and those after it run again
 #   bash bench/gpu_session.sh wait [S]    until the session ends or S seconds (540) pass, then status
@@ -164,7 +165,11 @@ start() { # start fresh|resume: clear the markers, then orchestrate in the backg
   fi
   unpack && check_settings || return 1
   rm -f "$STATE"/*.failed "$STATE"/session.done
-  [[ $1 == fresh ]] && rm -f "$STATE"/*.done
+  if [[ $1 == fresh ]]; then # the stage logs of an earlier session go to previous/
+    rm -rf "$STATE/previous" && mkdir "$STATE/previous"
+    for log in "$STATE"/*.log; do [[ -e $log && $log != */session.log ]] && mv "$log" "$STATE/previous/"; done
+    rm -f "$STATE"/*.done
+  fi
   [[ -n $(ls -A .snakemake/locks 2>/dev/null) ]] && "$PY" -m snakemake --unlock --configfile "${CONFIGS[@]}" --quiet
   setsid nohup bash "$0" orchestrate >"$STATE/orchestrate.log" 2>&1 &
   echo $! >"$STATE/orchestrate.pid"
