@@ -19,7 +19,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 
-from train_throughput import MODELS, NAMES, build_model  # noqa: E402
+from throughput_common import MODELS, NAMES, build_model  # noqa: E402
 
 from ivr import adamw_kernel  # noqa: E402
 

@@ -1,106 +1,262 @@
 #!/usr/bin/env bash
-# One GPU session on the lent H200 (no network there): the default experiment of config/gpu.yaml from a
+# One GPU session on the lent GPU (no network there): the default experiment of config/gpu.yaml from a
 # clean results/, its settings chosen on the dev split first, plus the throughput and DeepSpeed checks.
-# docs/DEVELOPING.md ("The GPU machine") says how the assets and wheels travel; each step below is one
-# short call of the device tool, and `run` leaves the long work to a background process, so that the
-# machine's time goes to the work and not to waiting for the next call.
+# docs/DEVELOPING.md ("The GPU machine") gives the calls; each step below is one short call of the device
+# tool, and `run` leaves the long work to a background process, so that the machine's time goes to the
+# work and not to waiting for the next call.
 #
-#   bash bench/gpu_session.sh install     wheels from .whl/ into /tmp/site; GGUF parts and corpora aside
-#   bash bench/gpu_session.sh stash       later calls: move the carried parts aside
-#   bash bench/gpu_session.sh run         assemble the GGUF, then in the background: the throughput
-#                                         benchmark (cores 0-3) beside the CPU stages (cores 4-15); the
-#                                         tuning on the dev split and the DeepSpeed check; the default run
-#                                         with the chosen settings; the IVR model at equal compute and
-#                                         after one pass
+#   bash bench/gpu_session.sh pack        here, before the session: the assets the configured run needs
+#                                         (Snakemake's DAG says which), fetched if missing, packed in parts
+#                                         .devcarry/1, 2, ... of one call each; prints the calls
+#   bash bench/gpu_session.sh install     call 1: wheels from .whl/ into /tmp/site, the modules the run
+#                                         will use checked; the carried part put aside
+#   bash bench/gpu_session.sh stash       later calls: the carried part put aside
+#   bash bench/gpu_session.sh run         the assets unpacked and checked, then in the background: the
+#                                         throughput benchmark (cores 0-3) beside the CPU stages (cores
+#                                         4-15); the tuning on the dev split and the DeepSpeed check; the
+#                                         default run with the chosen settings; the extra IVR runs. A
+#                                         fresh session: what an earlier one marked done or failed is
+#                                         cleared, its logs moved to previous/
+#   bash bench/gpu_session.sh resume      the same, keeping the stages marked done: after a failure, the
+#                                         failed stage and those after it run again
+#   bash bench/gpu_session.sh wait [S]    until the session ends or S seconds (540) pass, then status
 #   bash bench/gpu_session.sh status      what has finished, the tail of the logs
-# A follow-up session skips what an earlier one settled: IVR_SESSION_TUNE=0 (no tuning: config/gpu.yaml
-# carries the settings chosen on the dev split), IVR_SESSION_DEEPSPEED=0, IVR_SESSION_EXTRAS="one_pass"
-# (which of equal_compute and one_pass follow the default run), IVR_SESSION_BENCH="--no-extras".
 #   bash bench/gpu_session.sh collect     reports, logs and tables into $OUT/session.tar.gz
+# Settings, in front of run or resume (and of install for IVR_SESSION_DEEPSPEED):
+#   IVR_SESSION_BENCH      the benchmark's extra arguments (e.g. --no-extras), or skip: no benchmark, and
+#                          compile_scope and cuda_graphs stay as the configs set them
+#   IVR_SESSION_TUNE=0     no tuning (the configs carry the settings chosen on the dev split)
+#   IVR_SESSION_DEEPSPEED=0  no DeepSpeed check (install then checks no DeepSpeed either)
+#   IVR_SESSION_EXTRAS     which of equal_compute and one_pass follow the default run (both unless set);
+#                          "" or none: neither
+#   IVR_SESSION_CONFIGS    the configs (config/gpu.yaml); a CPU rehearsal: see docs/DEVELOPING.md
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit 1
 STATE=${IVR_SESSION_STATE:-/tmp/ivr-session}
 PARTS=$STATE/parts
 mkdir -p "$STATE" "$PARTS"
 export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 IVR_NO_PROGRESS=1
 export TOKENIZERS_PARALLELISM=false NCCL_NVLS_ENABLE=0
 PY=${PY:-python3}
-# A rehearsal on CPU in a copy of the tiny workflow: IVR_SESSION_CONFIGS="config/gpu.yaml tests/config/tiny.yaml ..."
 read -r -a CONFIGS <<<"${IVR_SESSION_CONFIGS:-config/gpu.yaml}"
-BASE=${IVR_SESSION_BASE:-resources/models/SmolLM2-135M-Instruct.Q4_1}
-REHEARSAL=${IVR_SESSION_REHEARSAL:-0}
-GGUF=resources/assets/smollm2_gguf/SmolLM2-135M-Instruct.Q4_1.gguf
-GGUF_SHA=b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
+BENCH=${IVR_SESSION_BENCH-}
+EXTRAS=${IVR_SESSION_EXTRAS-equal_compute one_pass}
+DEEPSPEED=${IVR_SESSION_DEEPSPEED:-1}
+CALL_MIB=${IVR_SESSION_CALL_MIB:-60} # what one device call may carry, under its limit of 64 MiB
 # targets first: --configfile takes several values and would swallow a target written after it
 SNAKE_OPTS=(--cores "${IVR_SESSION_CORES:-12}" --resources gpu=1 --scheduler greedy --configfile "${CONFIGS[@]}")
+CPU_TARGETS=(results/model/initialized results/data/ivr/meta.json results/data/control/meta.json
+  results/tokenizer/fidelity.json results/remap/compression.json)
+CHOSEN=() # results/tuning/chosen.yaml once the tuning has chosen
 say() { echo "[$(date +%T)] $*" | tee -a "$STATE/session.log"; }
+
+cfg() { # cfg EXPR: a Python expression over the configs in effect (c), printed
+  "$PY" - "$1" "${CONFIGS[@]}" "${CHOSEN[@]}" <<'PY'
+import sys
+sys.path.insert(0, "scripts")
+from ivr.config import read_configs
+c = read_configs(sys.argv[2:])
+value = eval(sys.argv[1])
+print(str(value).lower() if isinstance(value, bool) else value)
+PY
+}
+
+needed_assets() { # the asset folders (resources/assets/NAME) the configured run reads, from Snakemake's DAG
+  local summary
+  summary=$("$PY" -m snakemake --summary results/final_model "${CPU_TARGETS[@]}" --configfile "${CONFIGS[@]}" 2>&1) ||
+    { echo "$summary" >&2; return 1; }
+  awk -F'\t' '/^output_file\t/ { for (i = 1; i <= NF; i++) if ($i == "rule") rule = i; next }
+    rule && $rule == "fetch_assets" { print $1 }' <<<"$summary" | sort -u
+}
+
+pack() {
+  local assets tree=0 whl=0 part sha count call carry command mib
+  assets=$(needed_assets) || return 1
+  read -r -d '' -a assets <<<"$assets"
+  ((${#assets[@]})) || { echo "error: Snakemake listed no assets for ${CONFIGS[*]}" >&2; return 1; }
+  git check-ignore -q .devcarry/1 || { echo "error: .devcarry is not git-ignored: it would travel with every call" >&2; return 1; }
+  "$PY" -m snakemake "${assets[@]}" --cores 2 --configfile "${CONFIGS[@]}" >"$STATE/pack.log" 2>&1 ||
+    { tail -n 20 "$STATE/pack.log" >&2; return 1; }
+  rm -rf .devcarry && mkdir -p .devcarry/all
+  tar -czf .devcarry/all/assets.tgz "${assets[@]}" || return 1
+  sha=$(sha256sum .devcarry/all/assets.tgz | cut -d' ' -f1)
+  tree=$(git ls-files -z -co --exclude-standard | du -cb --files0-from=- 2>/dev/null | tail -n 1 | cut -f1)
+  [[ -d .whl ]] && whl=$(du -sbL .whl | cut -f1)
+  part=$((CALL_MIB * 1048576 - tree - whl))
+  ((part > 1048576)) || { echo "error: the work tree and .whl leave no room in a call of $CALL_MIB MiB" >&2; return 1; }
+  split -b "$part" -d -a 2 .devcarry/all/assets.tgz .devcarry/all/assets.tgz.part.
+  rm .devcarry/all/assets.tgz
+  count=0
+  for file in .devcarry/all/assets.tgz.part.*; do
+    count=$((count + 1))
+    mkdir -p ".devcarry/$count" && mv "$file" ".devcarry/$count/"
+  done
+  rmdir .devcarry/all
+  echo "$sha $count ${assets[*]}" >.devcarry/1/assets.manifest
+  echo "assets: ${assets[*]} ($((tree / 1048576)) MiB of work tree, $((whl / 1048576)) MiB of .whl)"
+  echo "| call | carry | MiB | command |"
+  for ((call = 1; call <= count; call++)); do
+    carry="\".devcarry/$call\"" command="bash bench/gpu_session.sh stash"
+    mib=$(du -sbL ".devcarry/$call" | cut -f1)
+    ((call == 1)) && carry="\".whl\", $carry" command="bash bench/gpu_session.sh install" mib=$((mib + whl))
+    ((call == count)) && command="$command && bash bench/gpu_session.sh run"
+    echo "| $call | [$carry] | $(((mib + tree) / 1048576)) | \`$command\` |"
+  done
+}
 
 stash() {
   for part in .devcarry/*/*; do [[ -e $part ]] && mv -f "$part" "$PARTS/"; done
-  for name in korean_bills python_docs konlpy_corpus; do
-    [[ -d resources/assets/$name ]] && say "asset $name here"
-  done
   ls -la "$PARTS"
 }
 
 install() {
+  local modules=(torch transformers accelerate snakemake jsonschema gguf tensorboard)
+  [[ $DEEPSPEED == 1 ]] && modules+=(deepspeed)
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-  "$PY" -c "import torch, transformers, accelerate, snakemake, jsonschema, gguf, deepspeed, tensorboard
-print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), 'transformers', transformers.__version__,
-      'accelerate', accelerate.__version__, 'snakemake', snakemake.__version__, 'deepspeed', deepspeed.__version__)"
+  "$PY" - "${modules[@]}" <<'PY'
+import importlib, sys
+from importlib.metadata import version
+for name in sys.argv[1:]:
+    importlib.import_module(name)
+print(*(f"{name} {version(name)}" for name in sys.argv[1:]), "cuda", importlib.import_module("torch").cuda.is_available())
+PY
   stash
 }
 
-stage() {  # stage NAME COMMAND...: run it, log it, mark it done or failed
-  local name=$1; shift
+unpack() { # the carried assets into resources/assets, once, checked against pack's SHA-256
+  local sha count names
+  [[ -f $PARTS/assets.manifest ]] || return 0
+  read -r sha count names <"$PARTS/assets.manifest"
+  [[ $(cat "$PARTS/assets.unpacked" 2>/dev/null) == "$sha" ]] && return 0
+  local parts=("$PARTS"/assets.tgz.part.*)
+  [[ -e ${parts[0]} && ${#parts[@]} == "$count" ]] || {
+    echo "error: ${#parts[@]} of the $count parts of the assets in $PARTS: each .devcarry/N of pack's table is carried once" >&2
+    return 1
+  }
+  cat "${parts[@]}" >"$STATE/assets.tgz"
+  echo "$sha  $STATE/assets.tgz" | sha256sum -c --quiet - || { echo "error: the assets' parts do not match pack's SHA-256" >&2; return 1; }
+  # -m: unpacked now, so newer than the workflow's scripts: Snakemake fetches none of them again
+  tar -xzmf "$STATE/assets.tgz" && rm "$STATE/assets.tgz" && echo "$sha" >"$PARTS/assets.unpacked" &&
+    say "assets unpacked: $names"
+}
+
+check_settings() {
+  local extra assets missing=()
+  for extra in $EXTRAS; do
+    case $extra in equal_compute | one_pass | none) ;; *)
+      echo "error: IVR_SESSION_EXTRAS: unknown run '$extra' (equal_compute, one_pass, none)" >&2
+      return 1
+      ;;
+    esac
+  done
+  assets=$(needed_assets) || return 1
+  for asset in $assets; do [[ -d $asset ]] || missing+=("$asset"); done
+  ((${#missing[@]} == 0)) || {
+    echo "error: missing ${missing[*]} (no network here: run pack before the session and carry its parts)" >&2
+    return 1
+  }
+}
+
+start() { # start fresh|resume: clear the markers, then orchestrate in the background
+  if [[ -f $STATE/orchestrate.pid ]] && kill -0 "$(cat "$STATE/orchestrate.pid")" 2>/dev/null; then
+    echo "error: a session is still running (pid $(cat "$STATE/orchestrate.pid")): wait or status" >&2
+    return 1
+  fi
+  unpack && check_settings || return 1
+  rm -f "$STATE"/*.failed "$STATE"/session.done
+  if [[ $1 == fresh ]]; then # the stage logs of an earlier session go to previous/
+    rm -rf "$STATE/previous" && mkdir "$STATE/previous"
+    for log in "$STATE"/*.log; do [[ -e $log && $log != */session.log ]] && mv "$log" "$STATE/previous/"; done
+    rm -f "$STATE"/*.done
+  fi
+  [[ -n $(ls -A .snakemake/locks 2>/dev/null) ]] && "$PY" -m snakemake --unlock --configfile "${CONFIGS[@]}" --quiet
+  setsid nohup bash "$0" orchestrate >"$STATE/orchestrate.log" 2>&1 &
+  echo $! >"$STATE/orchestrate.pid"
+  sleep 2
+  cat "$STATE/session.log"
+}
+
+stage() { # stage NAME COMMAND...: run it, log it, mark it done or failed; a stage marked done is kept
+  local name=$1
+  shift
+  if [[ -f $STATE/$name.done ]]; then say "$name: done earlier, kept"; return 0; fi
+  rm -f "$STATE/$name.failed"
   say "start $name"
   if "$@" >"$STATE/$name.log" 2>&1; then touch "$STATE/$name.done"; say "done $name"; else
     touch "$STATE/$name.failed"; say "FAILED $name (see $STATE/$name.log)"; return 1; fi
 }
 
-extra_run() {  # extra_run NAME SETTING: the IVR model again with one setting changed, and its report
-  local name=$1 setting=$2 settings
-  settings=$("$PY" - "$setting" "${CONFIGS[@]}" <<'PY'
-import json, os, sys
+base_model() { # the base model's folder, as the workflow converts a GGUF
+  cfg "(c['base_model'] if not c['base_model'].endswith('.gguf') else
+    'resources/models/' + c['base_model'].rsplit('/', 1)[-1].removesuffix('.gguf'))"
+}
+
+extra_run() { # extra_run NAME SETTING: the IVR model again with one setting changed, and its report
+  local name=$1 setting=$2 settings base
+  base=$(base_model) || return 1
+  settings=$("$PY" - "$setting" "${CONFIGS[@]}" "${CHOSEN[@]}" <<'PY'
+import json, sys
 sys.path.insert(0, "scripts")
 from ivr.config import read_configs
-chosen = "results/tuning/chosen.yaml"
-training = read_configs([*sys.argv[2:], *([chosen] if os.path.exists(chosen) else [])])["training"]
+training = read_configs(sys.argv[2:])["training"]
 training.pop("control_lr")
 key, value = sys.argv[1].split("=")
 training[key] = value if value == "one_pass" else float(value)
 print(json.dumps(training))
 PY
-)
+) || return 1
   "$PY" scripts/train_sft.py --model results/model/initialized --data results/data/ivr --dev results/corpus/domain/dev.jsonl \
     --general-dev results/corpus/general/dev.jsonl --rules results/remap/remap_rules.yaml \
     --compute-reference results/data/control --settings "$settings" --threads 8 \
     --checkpoint-dir "results/checkpoints/$name" --out "results/extra/$name" &&
     "$PY" scripts/validate.py --heldout results/corpus/domain/heldout.jsonl --general-heldout results/corpus/general/heldout.jsonl \
       --compression results/remap/compression.json --fidelity results/tokenizer/fidelity.json \
-      --base-model "$BASE" --initialized results/model/initialized \
+      --base-model "$base" --initialized results/model/initialized \
       --sft "results/extra/$name" --control results/model/control --max-documents 300 --byte-budget 2000 \
       --batch-size 32 --prompts 5 --prompt-bytes 120 --new-tokens 64 \
       --out-json "results/extra/$name.validation.json" --out-html "results/extra/$name.validation.html"
 }
 
-faster() {  # faster LINE SLOWEST FASTEST: the line has two ratios, neither below SLOWEST, one above FASTEST
+override() { # override KEY VALUE WHY: training.KEY set in results/tuning/compile.yaml, passed after the configs
+  mkdir -p results/tuning
+  [[ -f results/tuning/compile.yaml ]] || echo "training:" >results/tuning/compile.yaml
+  sed -i "/^  $1:/d" results/tuning/compile.yaml
+  echo "  $1: $2 # $3" >>results/tuning/compile.yaml
+  if [[ " ${CONFIGS[*]} " != *" results/tuning/compile.yaml "* ]]; then
+    CONFIGS+=(results/tuning/compile.yaml)
+    SNAKE_OPTS+=(results/tuning/compile.yaml)
+  fi
+  say "training.$1: $2 for this session ($3)"
+}
+
+faster() { # faster LINE SLOWEST FASTEST: the line has two ratios, neither below SLOWEST, one above FASTEST
   [[ -n $1 ]] && "$PY" -c "import re, sys; x = [float(v) for v in re.findall(r'([0-9.]+)x', sys.argv[1])]
 sys.exit(0 if len(x) == 2 and min(x) > float(sys.argv[2]) and max(x) > float(sys.argv[3]) else 1)" "$@"
 }
 
-choose_compile_scope() {  # body if the benchmark measured it faster than blocks for both models, and
-  # CUDA graphs if they made the body faster for one and slower for neither
-  mkdir -p results/tuning
+choose_compile_scope() { # body if the benchmark measured it faster than blocks for both models, and CUDA
+  # graphs if they made the body faster for one and slower for neither; without its figures, the configs'
+  if [[ $BENCH != skip && -f results/tuning/compile.yaml && results/tuning/compile.yaml -nt $STATE/bench.done ]]; then
+    say "compile settings chosen earlier in this session kept: $(grep -v '^training:' results/tuning/compile.yaml | tr -s ' \n' ' ')"
+    CONFIGS+=(results/tuning/compile.yaml)
+    SNAKE_OPTS+=(results/tuning/compile.yaml)
+    return
+  fi
+  rm -f results/tuning/compile.yaml
+  if [[ $BENCH == skip || ! -f $STATE/bench.done ]]; then
+    say "no benchmark figures ($([[ $BENCH == skip ]] && echo skipped || echo "it failed: see bench.log")):" \
+      "compile_scope $(cfg "c['training']['compile_scope']") and cuda_graphs $(cfg "c['training']['cuda_graphs']")" \
+      "as the configs set them"
+    return
+  fi
   local line graphs_line scope=blocks graphs=false
-  line=$(grep "body / blocks, our step" "$STATE/bench.log" 2>/dev/null)
-  graphs_line=$(grep "graphs / body, our step" "$STATE/bench.log" 2>/dev/null)
+  line=$(grep "body / blocks, our step" "$STATE/bench.log")
+  graphs_line=$(grep "graphs / body, our step" "$STATE/bench.log")
   faster "$line" 1.02 1.02 && scope=body
   [[ $scope == body ]] && faster "$graphs_line" 0.99 1.02 && graphs=true
-  printf 'training:\n  compile_scope: %s # measured: %s\n  cuda_graphs: %s # measured: %s\n' "$scope" \
-    "${line:-no benchmark}" "$graphs" "${graphs_line:-no benchmark}" >results/tuning/compile.yaml
-  say "compile_scope $scope (${line:-no benchmark}); cuda_graphs $graphs (${graphs_line:-no benchmark})"
+  override compile_scope "$scope" "measured: ${line:-no figure}"
+  override cuda_graphs "$graphs" "measured: ${graphs_line:-no figure}"
 }
 
 tune() {
@@ -110,76 +266,83 @@ tune() {
     --parallel "${IVR_SESSION_PARALLEL:-6}" --micro-batch "${IVR_SESSION_MICRO:-16}" --eval-bytes 2000
 }
 
+compiled_body() { [[ $(cfg "c['training']['compile'] and c['training']['compile_scope']") == body ]]; }
+
 orchestrate() {
-  say "session starts"
-  if [[ $REHEARSAL == 1 ]]; then
-    true &
-  else
+  say "session starts (configs ${CONFIGS[*]}; benchmark ${BENCH:-on}; extras ${EXTRAS:-none})"
+  local bench=
+  if [[ $BENCH != skip ]]; then
     # shellcheck disable=SC2086
-    taskset -c 0-3 "$PY" bench/train_throughput.py --mode compare --profile ${IVR_SESSION_BENCH:-} >"$STATE/bench.log" 2>&1 &&
-      touch "$STATE/bench.done" &
+    stage bench taskset -c 0-3 "$PY" bench/train_throughput.py --mode compare --profile $BENCH &
+    bench=$!
   fi
-  local bench=$!
-  stage cpu_stages taskset -c "${IVR_SESSION_CPUS:-4-15}" "$PY" -m snakemake results/model/initialized results/data/ivr/meta.json \
-    results/data/control/meta.json results/tokenizer/fidelity.json results/remap/compression.json \
-    "${SNAKE_OPTS[@]}" || return 1
-  say "waiting for the throughput benchmark"
-  wait $bench
+  if ! stage cpu_stages taskset -c "${IVR_SESSION_CPUS:-4-15}" "$PY" -m snakemake "${CPU_TARGETS[@]}" "${SNAKE_OPTS[@]}"; then
+    [[ -n $bench ]] && say "waiting for the throughput benchmark (a resume keeps its figures)" && wait "$bench"
+    return 1
+  fi
+  if [[ -n $bench ]]; then
+    say "waiting for the throughput benchmark"
+    wait "$bench"
+  fi
   choose_compile_scope
-  CONFIGS+=(results/tuning/compile.yaml)
-  SNAKE_OPTS+=(results/tuning/compile.yaml)
-  if [[ $REHEARSAL != 1 && ${IVR_SESSION_DEEPSPEED:-1} == 1 ]]; then
+  if [[ $DEEPSPEED == 1 ]]; then
     PYTHON="$PY" OUT="$STATE/deepspeed" stage deepspeed_check bash bench/deepspeed_check.sh &
   fi
-  local chosen=()
   if [[ ${IVR_SESSION_TUNE:-1} == 1 ]]; then
     if ! tune; then
-      grep -q "scope: body" results/tuning/compile.yaml || return 1
+      compiled_body || return 1
       say "tuning failed with compile_scope body: once more by blocks, without CUDA graphs"
-      printf 'training:\n  compile_scope: blocks # body failed in the tuning (see tuning.log)\n' >results/tuning/compile.yaml
+      mv "$STATE/tuning.log" "$STATE/tuning_body.log"
+      override compile_scope blocks "body failed in the tuning (see tuning_body.log)"
+      override cuda_graphs false "body failed in the tuning (see tuning_body.log)"
       tune || return 1
     fi
-    chosen=(results/tuning/chosen.yaml)
+    CHOSEN=(results/tuning/chosen.yaml)
   fi
   wait
-  if ! stage default_run "$PY" -m snakemake results/final_model "${SNAKE_OPTS[@]}" "${chosen[@]}" &&
-    grep -q "cuda_graphs: true" results/tuning/compile.yaml; then
+  if ! stage default_run "$PY" -m snakemake results/final_model "${SNAKE_OPTS[@]}" "${CHOSEN[@]}"; then
+    [[ $(cfg "c['training']['cuda_graphs']") == true ]] && compiled_body || return 1
     say "the default run failed with CUDA graphs: once more without them (it resumes from its checkpoints)"
-    sed -i 's/cuda_graphs: true/cuda_graphs: false # failed in the default run (see default_run.log)/' results/tuning/compile.yaml
     mv "$STATE/default_run.log" "$STATE/default_run_graphs.log"
-    stage default_run "$PY" -m snakemake results/final_model "${SNAKE_OPTS[@]}" "${chosen[@]}"
+    override cuda_graphs false "failed in the default run (see default_run_graphs.log)"
+    stage default_run "$PY" -m snakemake results/final_model "${SNAKE_OPTS[@]}" "${CHOSEN[@]}" || return 1
   fi
-  for extra in ${IVR_SESSION_EXTRAS:-equal_compute one_pass}; do
+  for extra in $EXTRAS; do
     case $extra in
     equal_compute) stage equal_compute extra_run equal_compute budget=1.0 ;;
     one_pass) stage one_pass extra_run one_pass budget=one_pass ;;
     esac
   done
-  say "session done"
+}
+
+status() {
+  cat "$STATE/session.log"
+  for log in "$STATE"/*.log; do echo "== $log"; tail -n "${TAIL:-4}" "$log"; done
+  nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader 2>/dev/null
 }
 
 case "${1:-}" in
+pack) pack ;;
 install) install ;;
 stash) stash ;;
-run)
-  if [[ ! -f $GGUF ]]; then
-    mkdir -p "$(dirname "$GGUF")"
-    cat "$PARTS"/gguf.part.* >"$GGUF"
-    cp "$PARTS/smollm2_SOURCE.json" "$(dirname "$GGUF")/SOURCE.json"
-  fi
-  echo "$GGUF_SHA  $GGUF" | sha256sum -c - || exit 1
-  setsid nohup bash "$0" orchestrate >"$STATE/orchestrate.log" 2>&1 &
-  sleep 2; cat "$STATE/session.log"
+run) start fresh ;;
+resume) start resume ;;
+orchestrate)
+  if orchestrate; then touch "$STATE/session.done"; say "session done"; else
+    touch "$STATE/session.failed"; say "session FAILED: fix the cause, then: bash bench/gpu_session.sh resume"; exit 1; fi
   ;;
-orchestrate) orchestrate ;;
-status)
-  cat "$STATE/session.log"
-  for log in "$STATE"/*.log; do echo "== $log"; tail -n "${TAIL:-4}" "$log"; done
-  nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader
+wait)
+  for ((waited = 0; waited < ${2:-540}; waited += 5)); do
+    [[ -f $STATE/session.done || -f $STATE/session.failed ]] && break
+    sleep 5
+  done
+  status
   ;;
+status) status ;;
 collect)
-  tar czf "$OUT/session.tar.gz" --ignore-failed-read --exclude=./parts -C "$STATE" . -C "$PWD" results/report results/tuning/trials.jsonl results/tuning/ablation.md \
-    results/tuning/chosen.yaml results/tuning/runs results/extra/*.json results/extra/*.html \
+  tar czf "$OUT/session.tar.gz" --ignore-failed-read --exclude=./parts -C "$STATE" . -C "$PWD" results/report \
+    results/tuning/trials.jsonl results/tuning/ablation.md results/tuning/chosen.yaml results/tuning/compile.yaml \
+    results/tuning/runs results/extra/*.json results/extra/*.html \
     results/model/sft/train_log.jsonl results/model/sft/training_stats.json results/model/control/train_log.jsonl \
     results/model/control/training_stats.json results/extra/*/train_log.jsonl results/extra/*/training_stats.json \
     results/remap/compression.json results/tokenizer/fidelity.json results/analysis/corpus_stats.json \
@@ -188,7 +351,7 @@ collect)
   ls -la "$OUT"
   ;;
 *)
-  echo "usage: $0 install|stash|run|status|collect" >&2
+  echo "usage: $0 pack|install|stash|run|resume|wait [SECONDS]|status|collect" >&2
   exit 2
   ;;
 esac

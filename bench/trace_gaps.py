@@ -16,7 +16,7 @@ import gzip
 import json
 from collections import Counter, defaultdict
 
-from train_throughput import short_kernel_name as short
+from throughput_profile import short_kernel_name as short
 
 GPU = ("kernel", "gpu_memset", "gpu_memcpy")
 

@@ -12,9 +12,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shutil
 import sys
 from pathlib import Path
+
+import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -86,8 +89,40 @@ lists every reassigned id with its old and new token.
 """
 
 
-def describe_base(base_model: str) -> dict:
-    path = Path(base_model)
+def asset_source(path: str | Path) -> dict | None:
+    """SOURCE.json of the fetched asset that holds path (config/assets.yaml's entry), if it is one."""
+    folder = asset_folder(path)
+    source = Path(folder) / "SOURCE.json" if folder else None
+    return read_json(source, "asset source") if source and source.exists() else None
+
+
+def card_licence(folder: Path) -> str | None:
+    """The `license:` of a Hugging Face model card's front matter (README.md), if there is one."""
+    card = folder / "README.md"
+    match = re.match(r"---\n(.*?)\n---", card.read_text(encoding="utf-8", errors="replace"), re.S) if card.is_file() else None
+    try:
+        meta = yaml.safe_load(match.group(1)) if match else None
+    except yaml.YAMLError:
+        return None
+    return str(meta["license"]) if isinstance(meta, dict) and meta.get("license") else None
+
+
+def gguf_licence(path: Path) -> str | None:
+    """A GGUF file's general.license, if it records one."""
+    try:
+        from gguf import GGUFReader
+
+        field = GGUFReader(str(path)).fields.get("general.license")
+        return bytes(field.parts[field.data[0]]).decode() if field else None
+    except Exception:  # provenance only: never fail over it
+        return None
+
+
+def describe_base(base_model: str, reference: str | None = None) -> dict:
+    """Name, form and licence of the base model: base_model is the folder the workflow loads, reference
+    the config's base_model (a GGUF it was converted from, an asset). The licence is the asset's
+    (config/assets.yaml), else the model card's, else the GGUF's."""
+    path, reference = Path(base_model), reference or base_model
     info = {"name": path.name if path.exists() else base_model, "form": "as published"}
     provenance = path / "PROVENANCE.json"
     if provenance.exists():
@@ -95,21 +130,18 @@ def describe_base(base_model: str) -> dict:
         info["form"] = data.get("form", info["form"])
         info["source"] = data.get("source")
         info["name"] = data.get("source", info["name"]).split(".")[0]
-    source = path.parent.parent / "assets" / "smollm2_gguf" / "SOURCE.json"
-    if source.exists() and "SmolLM2" in info["name"]:
-        info["licence"] = read_json(source, "asset source").get("licence")
+    licence = ((asset_source(reference) or asset_source(base_model) or {}).get("licence") or card_licence(path)
+               or (gguf_licence(Path(reference)) if reference.endswith(".gguf") and Path(reference).is_file() else None))
+    if licence:
+        info["licence"] = licence
     return info
 
 
 def describe_corpus(paths: list[str]) -> str:
     parts = []
     for raw in paths:
-        folder = asset_folder(raw)
-        if folder and (Path(folder) / "SOURCE.json").exists():
-            data = read_json(Path(folder) / "SOURCE.json", "asset source")
-            parts.append(f"{data['description']} (licence {data['licence']})")
-        else:
-            parts.append(raw)
+        source = asset_source(raw)
+        parts.append(f"{source['description']} (licence {source['licence']})" if source else raw)
     return "; ".join(parts) or "none"
 
 
@@ -136,7 +168,7 @@ def finalize(args: argparse.Namespace) -> None:
     config = args.config or {}
     rules = read_rules(args.rules)
     provenance = {
-        "base_model": describe_base(args.base_model),
+        "base_model": describe_base(args.base_model, config.get("base_model")),
         "reassigned": len(rules["reassignments"]),
         "corpus": describe_corpus(config.get("corpus", {}).get("paths", [])),
         "general_corpus": describe_corpus((config.get("general_corpus") or {}).get("paths", [])),
@@ -144,9 +176,9 @@ def finalize(args: argparse.Namespace) -> None:
         "inputs_sha256": checksums([p for p in args.inputs if p.exists()]),
     }
     with atomic_path(args.out) as tmp:
-        shutil.copytree(args.model, tmp)
-        for name in ("checkpoints",):
-            shutil.rmtree(tmp / name, ignore_errors=True)
+        # what a user loads, without training's records (checkpoints, TensorBoard logs), which stay where they are
+        shutil.copytree(args.model, tmp, ignore=lambda folder, names: [
+            n for n in names if Path(folder) == args.model and n in ("checkpoints", "tensorboard")])
         base = Path(args.base_model)
         for name in ("chat_template.jinja", "generation_config.json"):
             if (base / name).exists() and not (tmp / name).exists():

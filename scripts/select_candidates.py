@@ -136,9 +136,7 @@ def main(argv: list[str] | None = None) -> None:
     words = words_of(read_pretokens(args.pretokens))
     frequencies = read_frequencies(args.frequencies, base.n_ids)
     log.info("%d pre-tokens of two or more tokens; %d domain tokens", len(words.seqs), words.domain_tokens)
-    if args.rules_file:
-        if specials:
-            raise UserError("ivr.special_tokens and ivr.rules_file are both set: list the special tokens in the rules file")
+    if args.rules_file:  # the config check refuses ivr.special_tokens beside it (config/schema.yaml)
         selection = select_from_file(args.rules_file, base, words, frequencies, rows, args.backend, protected, args.min_count)
         header = f"Reassignments from {args.rules_file}, checked and completed by select_candidates.py."
     else:

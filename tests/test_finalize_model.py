@@ -23,17 +23,20 @@ GPU_RUN = ROOT / "docs" / "evidence" / "default_run" / "validation.json"
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, tiny_gpt2_dir, gpt2_tokenizer_dir) -> dict[str, Path]:
-    """What finalize reads: the fine-tuned model (the tiny GPT-2, with the checkpoints training keeps in
-    it), the base model (with a chat template), remap rules and two reports: the GPU run's, and the
+    """What finalize reads: the fine-tuned model (the tiny GPT-2, with the checkpoints and TensorBoard logs
+    training keeps in it), the base model (with a chat template and a model card), remap rules and two reports: the GPU run's, and the
     same with its ivr_vs_control gate failed (the control's bits per byte lowered to 0.59)."""
     root = tmp_path_factory.mktemp("finalize")
     model = root / "sft"
     shutil.copytree(tiny_gpt2_dir, model)
     (model / "checkpoints" / "step-4").mkdir(parents=True)
+    (model / "tensorboard").mkdir()
+    (model / "tensorboard" / "events.out.tfevents.1.host").write_bytes(b"scalars")
     (model / "generation_config.json").unlink()
     base = root / "base"
     shutil.copytree(tiny_gpt2_dir, base)
     (base / "chat_template.jinja").write_text("{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    (base / "README.md").write_text("---\nlicense: mit\nlibrary_name: transformers\n---\n# tiny GPT-2\n")
     gpt2 = load_base(str(gpt2_tokenizer_dir))
     rules = [make_rule(gpt2, 40000, "ngram", "ìķĪëħķ", piece_segmentation(gpt2, "ìķĪëħķ"), False),
              make_rule(gpt2, 50300, "unused_row", "ë²ķë¥ł", piece_segmentation(gpt2, "ë²ķë¥ł"), False)]
@@ -77,7 +80,8 @@ def test_passed_gates_give_a_model_that_loads_with_its_card_rules_and_provenance
     out = tmp_path / "final_model"
     result = finalize(run, run["passed"], out)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert not (out / "checkpoints").exists()
+    assert not (out / "checkpoints").exists() and not (out / "tensorboard").exists()
+    assert (run["model"] / "tensorboard" / "events.out.tfevents.1.host").exists()  # the logs stay where they are
     assert (out / "chat_template.jinja").read_bytes() == (run["base"] / "chat_template.jinja").read_bytes()
     assert (out / "generation_config.json").read_bytes() == (run["base"] / "generation_config.json").read_bytes()
     assert (out / "remap_rules.yaml").read_bytes() == run["rules"].read_bytes()
@@ -96,6 +100,7 @@ def test_passed_gates_give_a_model_that_loads_with_its_card_rules_and_provenance
     card = (out / "README.md").read_text(encoding="utf-8")
     assert "2 token\nslots" in card and "| domain tokens per byte | 0.856 | 0.856 | 0.180 |" in card
     assert "79.0 % fewer tokens" in card and 'from_pretrained("final_model")' in card
+    assert "- Base model: base (as published); licence mit." in card  # from the base's model card
 
 
 def test_the_same_inputs_give_the_same_folder(run, tmp_path):
@@ -105,3 +110,25 @@ def test_the_same_inputs_give_the_same_folder(run, tmp_path):
     assert files == sorted(p.relative_to(tmp_path / "b") for p in (tmp_path / "b").rglob("*") if p.is_file())
     for name in files:
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+
+
+def test_the_base_models_licence_is_found_where_it_is_recorded(tmp_path, monkeypatch):
+    """The asset's licence (config/assets.yaml) for a base fetched as one, else a GGUF's general.license."""
+    import gguf
+
+    from finalize_model import describe_base
+
+    monkeypatch.chdir(ROOT)  # the config names assets relative to the workflow's folder
+    converted = tmp_path / "resources" / "models" / "SmolLM2-135M-Instruct.Q4_1"
+    converted.mkdir(parents=True)
+    asset = "resources/assets/smollm2_gguf/SmolLM2-135M-Instruct.Q4_1.gguf"
+    assert describe_base(str(converted), asset)["licence"] == "Apache-2.0"
+
+    own = tmp_path / "my-model.gguf"
+    writer = gguf.GGUFWriter(str(own), "llama")
+    writer.add_license("cc-by-sa-4.0")
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.close()
+    assert describe_base(str(converted), str(own))["licence"] == "cc-by-sa-4.0"
+    assert "licence" not in describe_base(str(converted), str(tmp_path / "other.gguf"))
