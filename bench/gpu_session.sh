@@ -193,25 +193,33 @@ base_model() { # the base model's folder, as the workflow converts a GGUF
 }
 
 extra_run() { # extra_run NAME SETTING: the IVR model again with one setting changed, and its report
-  local name=$1 setting=$2 settings base
+  local name=$1 setting=$2 settings base unseen_dev=() unseen=()
   base=$(base_model) || return 1
-  settings=$("$PY" - "$setting" "${CONFIGS[@]}" "${CHOSEN[@]}" <<'PY'
+  # three lines: the settings (JSON), then the unseen dev and report texts as train_sft's and validate's arguments
+  mapfile -t lines < <("$PY" - "$setting" "${CONFIGS[@]}" "${CHOSEN[@]}" <<'PY'
 import json, sys
 sys.path.insert(0, "scripts")
 from ivr.config import read_configs
-training = read_configs(sys.argv[2:])["training"]
-training.pop("control_lr")
+from ivr.retention import unseen_spec
+config = read_configs(sys.argv[2:])
+training = config["training"]
+training.pop("control_lr"), training.pop("control_interpolation")
 key, value = sys.argv[1].split("=")
 training[key] = value if value == "one_pass" else float(value)
 print(json.dumps(training))
+print(" ".join(unseen_spec(t) for t in config["unseen_texts"]["dev"]))
+print(" ".join(unseen_spec(t) for t in config["unseen_texts"]["report"]))
 PY
-) || return 1
+) && ((${#lines[@]} == 3)) || return 1
+  settings=${lines[0]}
+  for spec in ${lines[1]}; do unseen_dev+=(--unseen-dev "$spec"); done
+  for spec in ${lines[2]}; do unseen+=(--unseen "$spec"); done
   "$PY" scripts/train_sft.py --model results/model/initialized --data results/data/ivr --dev results/corpus/domain/dev.jsonl \
-    --general-dev results/corpus/general/dev.jsonl --rules results/remap/remap_rules.yaml \
-    --compute-reference results/data/control --settings "$settings" --threads 8 \
+    --general-dev results/corpus/general/dev.jsonl --rules results/remap/remap_rules.yaml "${unseen_dev[@]}" \
+    --reference-model "$base" --compute-reference results/data/control --settings "$settings" --threads 8 \
     --checkpoint-dir "results/checkpoints/$name" --out "results/extra/$name" &&
     "$PY" scripts/validate.py --heldout results/corpus/domain/heldout.jsonl --general-heldout results/corpus/general/heldout.jsonl \
-      --compression results/remap/compression.json --fidelity results/tokenizer/fidelity.json \
+      --compression results/remap/compression.json --fidelity results/tokenizer/fidelity.json "${unseen[@]}" \
       --base-model "$base" --initialized results/model/initialized \
       --sft "results/extra/$name" --control results/model/control --max-documents 300 --byte-budget 2000 \
       --batch-size 32 --prompts 5 --prompt-bytes 120 --new-tokens 64 \
