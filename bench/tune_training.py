@@ -13,16 +13,15 @@ its start as training.interpolation says) and scores every trial by bits per byt
 (documents cut to --eval-bytes) and on the dev texts of unseen_texts, never on the held-out split or the
 report's unseen texts:
 
-  round 1  peak learning rate 3e-4, 6e-4, 1.2e-3 for each branch (IVR: the configured budget and stages)
-  round 2  control: one more learning rate, beyond its best if that was at the edge of the grid, else
-           halfway (geometrically) towards its better neighbour; IVR: stage1_share 0.05 at its best rate
+peak learning rates 3e-4, 6e-4, 1.2e-3 and 2.4e-3 for each branch (IVR: the configured budget and
+stages), all trained at once when --parallel allows.
 
-Each branch gets four trials, chosen by the same retention rule: the best domain dev bits per byte among
+Each branch gets the same four trials, chosen by the same retention rule: the best domain dev bits per byte among
 the trials whose bits per byte on every base-language dev text stay within training.retention_tolerance
 of the base model's (with none, the trial that comes closest). Writes into --out: trials.jsonl (one line
 a trial: settings, dev bits per byte before and after interpolation, tokens, FLOPs, wall-clock),
 ablation.md (the table) and chosen.yaml (the winners, as a config file to pass after the others:
-training.lr, training.control_lr, training.stage1_share).
+training.lr, training.control_lr).
 """
 
 from __future__ import annotations
@@ -46,7 +45,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 from ivr.config import read_configs  # noqa: E402
 from ivr.retention import unseen_spec  # noqa: E402
 
-GRID = (3e-4, 6e-4, 1.2e-3)
+GRID = (3e-4, 6e-4, 1.2e-3, 2.4e-3)
 
 
 def base_model(config: dict) -> str:
@@ -151,20 +150,6 @@ def best(records: list[dict], tolerance: float) -> dict:
     return min(kept, key=lambda r: r["interpolated"]["dev_bpb"])
 
 
-def next_rate(results: list[dict], tolerance: float) -> float:
-    """Round 2's extra learning rate for a branch, from its round-1 results on GRID."""
-    score = {r["overrides"]["lr"]: r["interpolated"]["dev_bpb"] if retention_ratio(r) <= 1 + tolerance else math.inf
-             for r in results}
-    best = min(score, key=score.get)
-    index = GRID.index(best)
-    if index == len(GRID) - 1:
-        return GRID[-1] * 2
-    if index == 0:
-        return GRID[0] / 2
-    neighbour = min((GRID[index - 1], GRID[index + 1]), key=score.get)
-    return round(math.sqrt(best * neighbour), 10)
-
-
 def table(records: list[dict], unseen: list[str]) -> str:
     """Each trial's dev figures as trained (alpha 1) -> after its interpolation (alpha)."""
     keys = ["dev_bpb", "general_dev_bpb", *(f"{name}_bpb" for name in unseen)]
@@ -191,7 +176,7 @@ def main() -> None:
     parser.add_argument("--parallel", type=int, default=1, help="trials trained at the same time (one GPU may hold several)")
     parser.add_argument("--micro-batch", type=int, default=0, help="blocks per forward pass in trials (same global batch)")
     parser.add_argument("--eval-bytes", type=int, default=2000, help="bytes of each dev document scored")
-    parser.add_argument("--grid", type=float, nargs="+", help="round-1 learning rates (default 3e-4 6e-4 1.2e-3)")
+    parser.add_argument("--grid", type=float, nargs="+", help="learning rates (default 3e-4 6e-4 1.2e-3 2.4e-3)")
     parser.add_argument("--out", type=Path, default=Path("results/tuning"))
     args = parser.parse_args()
     global GRID
@@ -203,18 +188,11 @@ def main() -> None:
     data = pack_reduced(config, args.share, args.out)
     print(f"packed {args.share:g} of the training documents in {time.perf_counter() - began:.0f} s", flush=True)
     runs = args.out / "runs"
-    first = [(branch, f"{branch}_lr{lr:g}", {"lr": lr}) for branch in ("control", "ivr") for lr in GRID]
-    records = run_trials(first, config, data, runs, args.parallel, args.eval_bytes, args.micro_batch)
+    trials = [(branch, f"{branch}_lr{lr:g}", {"lr": lr}) for branch in ("control", "ivr") for lr in GRID]
+    records = run_trials(trials, config, data, runs, args.parallel, args.eval_bytes, args.micro_batch)
     tolerance = config["training"]["retention_tolerance"]
-    by_branch = {b: [r for r in records if r["branch"] == b] for b in ("control", "ivr")}
-    ivr_best = best(by_branch["ivr"], tolerance)["overrides"]["lr"]
-    extra = next_rate(by_branch["control"], tolerance)
-    second = [("control", f"control_lr{extra:g}", {"lr": extra}),
-              ("ivr", f"ivr_lr{ivr_best:g}_stage1_0.05", {"lr": ivr_best, "stage1_share": 0.05})]
-    records += run_trials(second, config, data, runs, args.parallel, args.eval_bytes, args.micro_batch)
     chosen = {branch: best([r for r in records if r["branch"] == branch], tolerance) for branch in ("control", "ivr")}
-    training = {"control_lr": chosen["control"]["overrides"]["lr"], "lr": chosen["ivr"]["overrides"]["lr"],
-                "stage1_share": chosen["ivr"]["overrides"].get("stage1_share", config["training"]["stage1_share"])}
+    training = {"control_lr": chosen["control"]["overrides"]["lr"], "lr": chosen["ivr"]["overrides"]["lr"]}
     with open(args.out / "trials.jsonl", "w") as handle:
         handle.writelines(json.dumps(r) + "\n" for r in records)
     (args.out / "chosen.yaml").write_text(
