@@ -103,6 +103,7 @@ def retain(model, start: dict[str, torch.Tensor], args: argparse.Namespace, sett
     if not base_language:
         return {"alpha": 1.0, "rule": "auto, but no base-language dev text (--unseen-dev) to keep: none"}
     texts = {"dev_bpb": read_dev_texts(args.dev, settings["eval_documents"]),
+             "general_dev_bpb": read_dev_texts(args.general_dev, settings["eval_documents"]),
              **{f"{t.name}_bpb": d for t, d in docs.items()}}
     reference_dir = args.reference_model or args.model  # the base model, with its own tokenizer
     base = load_causal_lm(reference_dir, device=device, dtype=torch.float32, trust_remote_code=args.trust_remote_code)
