@@ -34,6 +34,11 @@ def byte_to_unicode() -> dict[int, str]:
 
 
 @lru_cache(maxsize=1)
+def _byte_level_alphabet() -> frozenset[str]:
+    return frozenset(byte_to_unicode().values())
+
+
+@lru_cache(maxsize=1)
 def _to_bytelevel_table() -> dict[int, str]:
     return {b: c for b, c in byte_to_unicode().items()}  # latin-1 code point == byte value
 
@@ -105,7 +110,7 @@ SUPPORTED = ("IVR supports byte-level BPE tokenizers (GPT-2, Llama-3, Qwen, Smol
 
 
 def check_byte_level_bpe(spec: dict, where: str) -> None:
-    """Refuse anything but a byte-level BPE, with a line saying what it is instead."""
+    """For the unigram backend: refuse anything but a byte-level BPE, in one line saying what it is."""
     if token_form(spec, where).byte_level:
         return
     raise UserError(f"{where}: a SentencePiece-style BPE tokenizer: the unigram backend supports byte-level BPE "
@@ -141,7 +146,7 @@ class ByteLevelForm:
     @staticmethod
     def is_piece(token: str) -> bool:
         """Whether a string can be a token of the model (a new token must be)."""
-        return set(token) <= set(byte_to_unicode().values())
+        return set(token) <= _byte_level_alphabet()
 
     @staticmethod
     def is_byte(token: str) -> bool:
