@@ -1,9 +1,11 @@
 #!/usr/bin/env python3
 """Turn a GGUF model file into a normal Hugging Face model folder (safetensors), once.
 
-Transformers dequantizes the GGUF weights (e.g. Q4_1) to float32 on load; the folder written here
-holds config.json, model.safetensors, generation_config.json and the tokenizer, so later stages
-load it like any local model. A PROVENANCE.json records the source file, its checksum and form.
+Transformers dequantizes the GGUF weights (e.g. Q4_1) to float32 on load; the tokenizer is rebuilt
+from the GGUF's vocabulary for each llama.cpp tokenizer type (ivr/gguf_vocab.py), and a type it does
+not know is refused before anything is read. The folder written here holds config.json,
+model.safetensors, generation_config.json and the tokenizer, so later stages load it like any local
+model. A PROVENANCE.json records the source file, its checksum and form.
 """
 
 from __future__ import annotations
@@ -17,19 +19,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from ivr.cli import UserError, atomic_path, first_line, log, run_main  # noqa: E402
 from ivr.files import sha256_of  # noqa: E402
+from ivr.gguf_vocab import gguf_tokenizer  # noqa: E402
 
 
 def convert(gguf: Path, out: Path) -> dict:
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     if not gguf.is_file():
         raise UserError(f"{gguf}: GGUF file does not exist")
     with open(gguf, "rb") as handle:
         if handle.read(4) != b"GGUF":
             raise UserError(f"{gguf}: not a GGUF file (bad magic number)")
+    tokenizer = gguf_tokenizer(gguf)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
     except Exception as err:  # the GGUF reader raises many kinds on a damaged file
         raise UserError(f"{gguf}: cannot read the GGUF file ({type(err).__name__}: {first_line(err)[:200]})") from None

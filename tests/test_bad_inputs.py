@@ -58,18 +58,15 @@ def workdir(tmp_path_factory, gpt2_tokenizer_dir) -> Path:
 
 @pytest.fixture(scope="module")
 def sentencepiece_tokenizers(tmp_path_factory, korean_texts) -> dict[str, Path]:
-    """tokenizer.json files of the SentencePiece kinds, trained on real Korean text: a Llama-2 / Mistral
-    style BPE (no pre-tokenizer, '▁' for spaces, byte fallback) and a T5 / ALBERT style Unigram."""
-    from tokenizers import SentencePieceBPETokenizer, SentencePieceUnigramTokenizer
+    """tokenizer.json files of kinds IVR does not take, trained on real Korean text: a Llama-2 / Mistral style
+    BPE (no pre-tokenizer, '▁' for spaces) without byte fallback, a T5 / ALBERT style Unigram and a BERT
+    style WordPiece."""
+    from tokenizers import BertWordPieceTokenizer, SentencePieceBPETokenizer, SentencePieceUnigramTokenizer
 
     folder = tmp_path_factory.mktemp("sentencepiece")
     bpe = SentencePieceBPETokenizer()
     bpe.train_from_iterator(korean_texts, vocab_size=600, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False)
     spec = json.loads(bpe.to_str())
-    vocab = spec["model"]["vocab"]
-    for byte in range(256):
-        vocab.setdefault(f"<0x{byte:02X}>", len(vocab))
-    spec["model"]["byte_fallback"] = True
     spec["normalizer"] = {"type": "Sequence", "normalizers": [{"type": "Prepend", "prepend": "▁"},
                                                               {"type": "Replace", "pattern": {"String": " "}, "content": "▁"}]}
     spec["pre_tokenizer"] = None
@@ -81,7 +78,10 @@ def sentencepiece_tokenizers(tmp_path_factory, korean_texts) -> dict[str, Path]:
     unigram = SentencePieceUnigramTokenizer()
     unigram.train_from_iterator(korean_texts, vocab_size=600, special_tokens=["<unk>"], unk_token="<unk>", show_progress=False)
     unigram.save(str(folder / "t5 tokenizer.json"))
-    return {"llama": folder / "llama", "unigram": folder / "t5 tokenizer.json"}
+    wordpiece = BertWordPieceTokenizer()
+    wordpiece.train_from_iterator(korean_texts, vocab_size=600, show_progress=False)
+    wordpiece.save(str(folder / "bert tokenizer.json"))
+    return {"llama": folder / "llama", "unigram": folder / "t5 tokenizer.json", "wordpiece": folder / "bert tokenizer.json"}
 
 
 @pytest.fixture(scope="module")
@@ -217,17 +217,24 @@ def analyze(tmp: Path, get, tokenizer: Path | str) -> Run:
     return Run(argv, [str(tokenizer)], out)
 
 
-def sentencepiece_bpe(tmp: Path, get) -> Run:
+def sentencepiece_bpe_without_byte_fallback(tmp: Path, get) -> Run:
     folder = get("sentencepiece_tokenizers")["llama"]
     run = analyze(tmp, get, folder)
-    run.expect += ["not a byte-level BPE tokenizer", "SentencePiece", "Llama-2"]
+    run.expect += ["a SentencePiece-style BPE tokenizer without byte fallback", "Llama-2"]
     return run
 
 
 def sentencepiece_unigram(tmp: Path, get) -> Run:
     path = get("sentencepiece_tokenizers")["unigram"]
     run = analyze(tmp, get, path)
-    run.expect += ["not a byte-level BPE tokenizer: model Unigram", "SentencePiece"]
+    run.expect += ["a SentencePiece Unigram tokenizer (pre-tokenizer", "is not supported"]
+    return run
+
+
+def wordpiece(tmp: Path, get) -> Run:
+    path = get("sentencepiece_tokenizers")["wordpiece"]
+    run = analyze(tmp, get, path)
+    run.expect += ["a WordPiece tokenizer (pre-tokenizer BertPreTokenizer) is not supported"]
     return run
 
 
@@ -469,8 +476,9 @@ CASES: dict[str, Callable] = {
                                                 ["key 'training.sft_data'", "'sft/examples.jsonl' does not exist"]),
     "path_with_shell_metacharacters": metacharacters,
     # tokenizers (scripts/analyze_corpus.py) and the reassignment (scripts/select_candidates.py)
-    "tokenizer_sentencepiece_bpe": sentencepiece_bpe,
+    "tokenizer_sentencepiece_bpe_without_byte_fallback": sentencepiece_bpe_without_byte_fallback,
     "tokenizer_sentencepiece_unigram": sentencepiece_unigram,
+    "tokenizer_wordpiece": wordpiece,
     "tokenizer_json_cut_short": corrupt_tokenizer_json,
     "tokenizer_more_ids_than_model_rows": more_ids_than_rows,
     "budget_larger_than_vocabulary": budget_too_large,

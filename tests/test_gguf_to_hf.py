@@ -51,6 +51,7 @@ def write_gguf(path: Path, model, tokenizer_dir: Path) -> None:
     writer.add_rope_freq_base(config.rope_parameters["rope_theta"])
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("gpt-2")
     writer.add_token_list(tokens)
     writer.add_token_types([3 if t == "<|endoftext|>" else 1 for t in tokens])  # 3: control
     writer.add_token_merges(merges)

@@ -83,3 +83,23 @@ def test_a_missing_text_file_is_one_line(tmp_path, gpt2_tokenizer_dir):
     )
     assert result.returncode == 2 and result.stderr == f"error: {missing}: text file does not exist\n"
     assert not (tmp_path / "fidelity.json").exists()
+
+
+def test_a_sentencepiece_style_reference_is_counted_by_word(korean_texts, english_texts):
+    """Llama-2's tokenizer (converted from llama.cpp's vocabulary file) keeps a text whole before its merges:
+    its pre-tokens are the analysis's words, and measure_fidelity counts them as the analysis cuts them."""
+    from conftest import asset
+    from ivr.gguf_vocab import gguf_tokenizer
+    from ivr.tokenization import sentencepiece_pretokenizer
+
+    spec = json.loads(gguf_tokenizer(asset("llama_cpp_vocabs") / "ggml-vocab-llama-spm.gguf").backend_tokenizer.to_str())
+    base = Tokenizer.from_str(json.dumps(spec))
+    spec["model"]["merges"] = [m for m in spec["model"]["merges"] if "th" not in "".join(m)]  # "th" now stays apart
+    candidate = Tokenizer.from_str(json.dumps(spec))
+    docs = korean_texts[:10] + english_texts[:3]
+    pretokenize = sentencepiece_pretokenizer(spec, base)
+    pieces = [piece for doc in docs for piece in pretokenize(doc)]
+    same = sum([t.id for t in base.model.tokenize(p)] == [t.id for t in candidate.model.tokenize(p)] for p in pieces)
+    result = measure_fidelity(base, candidate, docs, batch_size=4)
+    assert result["pretokens"] == len(pieces) and result["pretokens_identical"] == same < len(pieces)
+    assert measure_fidelity(base, base, docs)["pretoken_agreement"] == 1.0

@@ -24,14 +24,14 @@ from ivr.cli import atomic_outputs, log, progress
 from ivr.ragged import Growing, GrowingRagged, Ragged, concat, interleave
 from ivr.string_numbering import StringNumbering
 from ivr.tokenization import (
+    SPACE,
     RankSegmenter,
-    bytes_to_bytelevel,
-    check_byte_level_bpe,
     compile_pretokenizer,
     load_tokenizer_json,
-    readable,
+    sentencepiece_pretokenizer,
     splits_at_single_spaces,
     token_bytes,
+    token_form,
 )
 
 
@@ -75,6 +75,7 @@ class RankMismatch(Exception):
 def _init_common(spec: dict, tok, exact: bool) -> None:
     gc.disable()  # millions of new strings and lists, no reference cycles: the collector only costs time
     _W["tok"] = tok
+    _W["form"] = token_form(spec, "tokenizer")
     _W["pretokenize"] = _pretokenizer(spec, tok, exact)
     _W["added"] = {t["content"]: t["id"] for t in spec.get("added_tokens", []) if t["content"]}
 
@@ -85,7 +86,8 @@ def _init_cutter(spec: dict, tok, exact: bool) -> None:
 
     _init_common(spec, tok, exact)
     added = _W["added"]
-    _W["normalize"] = tok.normalizer.normalize_str if tok.normalizer else None
+    # A SentencePiece-style tokenizer's normalizer runs in its pre-tokenizer, on each part between added tokens.
+    _W["normalize"] = tok.normalizer.normalize_str if tok.normalizer and _W["form"].byte_level else None
     _W["by_word"] = not exact and splits_at_single_spaces(spec)
     _W["added_re"] = regex.compile("(" + "|".join(map(regex.escape, sorted(added, key=len, reverse=True))) + ")")
     literal = ("".join(f"\\x{{{ord(c):x}}}" for c in token) for token in added)
@@ -109,6 +111,8 @@ def _init_resolver(spec: dict, tok, exact: bool, use_ranks: bool, threads: int) 
 
 
 def _pretokenizer(spec: dict, tok, exact: bool):
+    if not _W["form"].byte_level:
+        return sentencepiece_pretokenizer(spec, tok)
     fast = None if exact else compile_pretokenizer(spec)
     if fast is not None:
         return fast
@@ -121,7 +125,7 @@ def to_text(bytelevel_piece: str) -> str:
 
 
 def _hf_segment(piece: bytes) -> list[int]:
-    return [t.id for t in _W["tok"].model.tokenize(bytes_to_bytelevel(piece))]
+    return [t.id for t in _W["tok"].model.tokenize(_W["form"].model_input(piece))]
 
 
 def _add_units(part: str, out: list[str]) -> None:
@@ -221,7 +225,7 @@ def _index_chunk(task: tuple[str, int, int, bool]) -> dict:
     path, start, end, keep_sequence = task
     new = _W["new"]
     new.clear()
-    docs = _read_texts(path, start, end)
+    docs = raw = _read_texts(path, start, end)
     if _W["normalize"]:
         docs = pa.array(map(_W["normalize"], docs.to_pylist()), pa.string())
     n_docs = len(docs)
@@ -242,7 +246,7 @@ def _index_chunk(task: tuple[str, int, int, bool]) -> dict:
         lens = np.fromiter(map(len, rows), np.int64, count=len(rows))
         sources.append((elsewise, Ragged(lens, _number_keys([key for row in rows for key in row]))))
     doc_units, local = interleave(sources, n_docs)
-    sample = [(i, np.array(_W["tok"].encode(docs[i].as_py(), add_special_tokens=False).ids, np.int64))
+    sample = [(i, np.array(_W["tok"].encode(raw[i].as_py(), add_special_tokens=False).ids, np.int64))
               for i in range(0, n_docs, GUARD_EVERY)] if keep_sequence else []
     known = _W["units"][WORD].total[0]
     return {
@@ -428,7 +432,7 @@ def analyze(
     new words into pre-tokens and ids meanwhile. The outputs do not depend on threads or chunk_bytes.
     """
     spec = load_tokenizer_json(tokenizer, trust_remote_code)
-    check_byte_level_bpe(spec, tokenizer)
+    token_form(spec, tokenizer)
     try:
         return _analyze(spec, splits, out_dir, threads, exact, chunk_bytes, use_ranks=True)
     except RankMismatch:
@@ -543,10 +547,11 @@ def _vocab_columns(tok, spec: dict) -> dict:
     vocab_size = tok.get_vocab_size(with_added_tokens=True)
     tokens = [tok.id_to_token(i) or "" for i in range(vocab_size)]
     special = {t["id"] for t in spec.get("added_tokens", [])}
+    form = token_form(spec, "tokenizer")
     return {
         "id": pa.array(np.arange(vocab_size), pa.int32()),
         "token": pa.array(tokens, pa.string()),
-        "readable": pa.array([t if i in special else readable(t) for i, t in enumerate(tokens)], pa.string()),
+        "readable": pa.array([t if i in special else form.readable(t) for i, t in enumerate(tokens)], pa.string()),
     }
 
 
@@ -576,9 +581,11 @@ def _write_tables(table: UnitTable, counts: dict[str, Growing], vocab: dict, fre
     keep, texts = keep[order.to_numpy()], texts.take(order)  # by count, then by text
     lens = segs.lens[keep]
     ids = segs.take(keep).flat
-    # A pre-token's byte-level form is its tokens' strings joined.
-    offsets = pa.array(np.concatenate([[0], np.cumsum(lens)]), pa.int32())
-    forms = pc.binary_join(pa.ListArray.from_arrays(offsets, vocab["token"].take(pa.array(ids))), "")
+    if _W["form"].byte_level:  # a pre-token's byte-level form is its tokens' strings joined
+        offsets = pa.array(np.concatenate([[0], np.cumsum(lens)]), pa.int32())
+        forms = pc.binary_join(pa.ListArray.from_arrays(offsets, vocab["token"].take(pa.array(ids))), "")
+    else:  # SentencePiece-style pre-tokens are kept in the form the model reads
+        forms, texts = texts, pc.replace_substring(texts, SPACE, " ")
     write_pretokens(pretokens_path, forms, texts, domain[keep], general[keep], lens, ids)
     writing.join()
 

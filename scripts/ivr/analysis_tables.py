@@ -17,16 +17,17 @@ from ivr.cli import UserError, first_line
 class Pretokens:
     """The distinct pre-tokens, most frequent in the domain first."""
 
-    strings: list[str]  # byte-level form
+    strings: list[str]  # the form the BPE model reads (byte-level, or SentencePiece's with "▁" for spaces)
     count: np.ndarray  # occurrences in the domain training split
     general_count: np.ndarray  # occurrences in the general-text training split
     lens: np.ndarray  # base tokens of each
     ids: np.ndarray  # their base segmentations, back to back
+    nbytes: np.ndarray  # UTF-8 bytes of each pre-token's text
 
 
 def write_pretokens(path: str | os.PathLike, strings, texts, count: np.ndarray, general_count: np.ndarray,
                     lens: np.ndarray, ids: np.ndarray) -> None:
-    """strings and texts: pyarrow string arrays (byte-level and raw forms)."""
+    """strings and texts: pyarrow string arrays (the model's form and the text)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -44,11 +45,12 @@ def write_pretokens(path: str | os.PathLike, strings, texts, count: np.ndarray, 
 
 
 def read_pretokens(path: str | os.PathLike) -> Pretokens:
+    import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
     _exists(path, "pretokens table")
     try:
-        table = pq.read_table(path, columns=["pretoken", "count", "general_count", "ids"])
+        table = pq.read_table(path, columns=["pretoken", "text", "count", "general_count", "ids"])
     except Exception as err:  # pyarrow raises several kinds for a missing column or a damaged file
         raise UserError(f"{path}: not a pretokens table from the analysis ({first_line(err)})") from None
     ids = table.column("ids").combine_chunks()
@@ -59,6 +61,7 @@ def read_pretokens(path: str | os.PathLike) -> Pretokens:
         general_count=table.column("general_count").to_numpy().astype(np.int64),
         lens=np.diff(offsets).astype(np.int64),
         ids=ids.values.to_numpy()[offsets[0] : offsets[-1]].astype(np.int64),
+        nbytes=pc.binary_length(table.column("text")).to_numpy().astype(np.int64),
     )
 
 

@@ -1,4 +1,5 @@
-"""The base byte-level BPE as reassignment sees it: its tokens by id, its merges, which ids they build on."""
+"""The base BPE (byte-level or SentencePiece-style) as reassignment sees it: its tokens by id, its merges,
+which ids they build on."""
 
 from __future__ import annotations
 
@@ -7,14 +8,15 @@ from dataclasses import dataclass
 
 from tokenizers import Tokenizer
 
-from ivr.tokenization import check_byte_level_bpe, load_tokenizer_json
+from ivr.tokenization import ByteLevelForm, SentencePieceForm, load_tokenizer_json, token_form
 
 
 @dataclass
 class Base:
-    """The base byte-level BPE tokenizer, with what reassignment needs to know about its merges."""
+    """The base BPE tokenizer, with what reassignment needs to know about its merges."""
 
     spec: dict
+    form: ByteLevelForm | SentencePieceForm  # what its token strings stand for
     tokens: list[str | None]  # id -> token string (None for a gap)
     ids: dict[str, int]  # model vocabulary and added tokens
     special: set[int]  # added tokens
@@ -25,8 +27,9 @@ class Base:
     tok: Tokenizer
 
     def single_byte(self, token_id: int) -> bool:
+        """A token every text may fall back to: a single byte (or character, or byte-fallback token)."""
         token = self.tokens[token_id]
-        return token is not None and token_id not in self.special and len(token) == 1
+        return token is not None and token_id not in self.special and self.form.is_byte(token)
 
 
 def split_merge(merge: str | list[str]) -> tuple[str, str]:
@@ -39,7 +42,7 @@ def split_merge(merge: str | list[str]) -> tuple[str, str]:
 
 def load_base(name_or_path: str, trust_remote_code: bool = False) -> Base:
     spec = load_tokenizer_json(name_or_path, trust_remote_code)
-    check_byte_level_bpe(spec, name_or_path)
+    form = token_form(spec, name_or_path)
     ids = dict(spec["model"]["vocab"])
     special = set()
     for added in spec.get("added_tokens", []):
@@ -56,4 +59,4 @@ def load_base(name_or_path: str, trust_remote_code: bool = False) -> Base:
         merge_rank[out] = rank
         parts[out] = (ids[left], ids[right])
         built_on.update((ids[left], ids[right]))
-    return Base(spec, tokens, ids, special, merge_rank, parts, built_on, n_ids, Tokenizer.from_str(json.dumps(spec)))
+    return Base(spec, form, tokens, ids, special, merge_rank, parts, built_on, n_ids, Tokenizer.from_str(json.dumps(spec)))

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from ivr.cli import UserError
 from ivr.continued_bpe import Training
-from ivr.tokenization import readable
+from collections.abc import Callable
 
 COLUMNS = [
     "rank", "id", "left", "right", "new_token", "new_readable", "count", "general_count",
@@ -17,8 +17,9 @@ COLUMNS = [
 ]
 
 
-def candidate_rows(training: Training, slot_of: dict[int, int], domain_tokens: int) -> list[list]:
-    """A row per merge of a continued-BPE training, in merge order; slot_of: the id each new piece takes."""
+def candidate_rows(training: Training, slot_of: dict[int, int], domain_tokens: int, readable: Callable[[str], str]) -> list[list]:
+    """A row per merge of a continued-BPE training, in merge order; slot_of: the id each new piece takes;
+    readable: a token string as text."""
     rows, cumulative, strings = [], 0, training.strings
     for rank, m in enumerate(training.merges, start=1):
         cumulative += m.count

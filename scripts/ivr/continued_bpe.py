@@ -27,8 +27,7 @@ class Words:
 
 def words_of(pretokens: Pretokens) -> Words:
     """The pre-tokens that have a pair to merge (two or more base tokens), and the totals of the splits."""
-    nbytes = np.fromiter(map(len, pretokens.strings), np.int64, count=len(pretokens.strings))  # a byte a character
-    count, general, lens = pretokens.count, pretokens.general_count, pretokens.lens
+    nbytes, count, general, lens = pretokens.nbytes, pretokens.count, pretokens.general_count, pretokens.lens
     starts = np.cumsum(lens) - lens
     keep = np.flatnonzero(lens > 1)
     return Words(

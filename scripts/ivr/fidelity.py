@@ -8,7 +8,7 @@ from itertools import islice
 from pathlib import Path
 
 from ivr.corpus import ReadOptions, read_documents
-from ivr.tokenization import load_tokenizer_json
+from ivr.tokenization import SPACE, load_tokenizer_json
 
 COUNTS = ("documents", "documents_identical", "documents_roundtrip", "pretokens", "pretokens_identical",
           "reference_tokens", "candidate_tokens", "bytes")
@@ -31,10 +31,22 @@ def read_texts(path: str | Path) -> Iterator[str]:
             yield text
 
 
-def _words(encoding) -> dict[tuple[int, int], tuple[int, ...]]:
+def sentencepiece_words(encoding) -> list[int]:
+    """Word numbers of a SentencePiece-style encoding, whose pre-tokenizer (if any) keeps the text whole: a
+    word starts at a token with a leading "▁" unless the token before is all "▁" (the analysis's pre-tokens)."""
+    words, n, previous = [], -1, ""
+    for token in encoding.tokens:
+        if n < 0 or (token.startswith(SPACE) and previous.strip(SPACE)):
+            n += 1
+        words.append(n)
+        previous = token
+    return words
+
+
+def _words(encoding, word_ids) -> dict[tuple[int, int], tuple[int, ...]]:
     """Token ids grouped by pre-token, keyed by the pre-token's character span."""
     spans: dict[int, list] = {}
-    for token_id, word, (start, end) in zip(encoding.ids, encoding.word_ids, encoding.offsets):
+    for token_id, word, (start, end) in zip(encoding.ids, word_ids, encoding.offsets):
         if word is None:
             continue
         entry = spans.setdefault(word, [start, end, []])
@@ -43,8 +55,8 @@ def _words(encoding) -> dict[tuple[int, int], tuple[int, ...]]:
     return {(s, e): tuple(ids) for s, e, ids in spans.values()}
 
 
-def _word_count(encoding) -> int:
-    return len({w for w in encoding.word_ids if w is not None})
+def _word_count(word_ids) -> int:
+    return len({w for w in word_ids if w is not None})
 
 
 def measure_fidelity(reference, candidate, documents: Iterable[str], batch_size: int = 256) -> dict:
@@ -53,9 +65,13 @@ def measure_fidelity(reference, candidate, documents: Iterable[str], batch_size:
     pretoken_agreement: share of the reference's pre-token occurrences that the candidate splits
     at the same place into the same ids; document_agreement: share of documents with identical ids;
     decode_roundtrip: share of documents the candidate decodes back to exactly the same text.
-    Special tokens are never added.
+    Special tokens are never added. A SentencePiece-style reference (byte fallback, no splitting
+    pre-tokenizer) is cut into words as the analysis cuts it (sentencepiece_words).
     """
     counts = dict.fromkeys(COUNTS, 0)
+    by_space = getattr(reference.model, "byte_fallback", False) and (
+        reference.pre_tokenizer is None or type(reference.pre_tokenizer).__name__ == "Metaspace")
+    word_ids = sentencepiece_words if by_space else (lambda encoding: encoding.word_ids)
     docs = iter(documents)
     while batch := list(islice(docs, batch_size)):
         refs = reference.encode_batch(batch, add_special_tokens=False)
@@ -67,13 +83,14 @@ def measure_fidelity(reference, candidate, documents: Iterable[str], batch_size:
             counts["reference_tokens"] += len(ref.ids)
             counts["candidate_tokens"] += len(cand.ids)
             counts["documents_roundtrip"] += back == text
-            if ref.ids == cand.ids and ref.word_ids == cand.word_ids:
+            ref_ids, cand_ids = word_ids(ref), word_ids(cand)
+            if ref.ids == cand.ids and ref_ids == cand_ids:
                 counts["documents_identical"] += 1
-                n = _word_count(ref)
+                n = _word_count(ref_ids)
                 counts["pretokens"] += n
                 counts["pretokens_identical"] += n
                 continue
-            ref_words, cand_words = _words(ref), _words(cand)
+            ref_words, cand_words = _words(ref, ref_ids), _words(cand, cand_ids)
             counts["pretokens"] += len(ref_words)
             counts["pretokens_identical"] += sum(cand_words.get(span) == ids for span, ids in ref_words.items())
     return summarize(counts)

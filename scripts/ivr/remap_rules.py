@@ -12,7 +12,6 @@ from pathlib import Path
 from ivr.base_bpe import Base
 from ivr.cli import UserError
 from ivr.files import read_yaml
-from ivr.tokenization import byte_to_unicode, readable
 
 TOP_KEYS = ("version", "base_tokenizer", "backend", "reassignments")
 RULE_KEYS = ("id", "kind", "old_token", "old_readable", "new_token", "new_readable", "base_ids", "frozen")
@@ -79,7 +78,7 @@ def _is_id(value) -> bool:
 
 
 def piece_segmentation(base: Base, piece: str) -> list[int]:
-    """Base ids of a byte-level piece (the model alone: a piece lies inside one pre-token)."""
+    """Base ids of a piece in the model's form (the model alone: a piece lies inside one pre-token)."""
     return [t.id for t in base.tok.model.tokenize(piece)]
 
 
@@ -97,9 +96,9 @@ def make_rule(base: Base, slot: int, kind: str, new_token: str, base_ids: list[i
         "id": slot,
         "kind": kind,
         "old_token": old,
-        "old_readable": None if old is None else readable(old),
+        "old_readable": None if old is None else base.form.readable(old),
         "new_token": new_token,
-        "new_readable": new_token if kind == "special" else readable(new_token),
+        "new_readable": new_token if kind == "special" else base.form.readable(new_token),
         "base_ids": base_ids,
         "frozen": frozen,
     }
@@ -147,7 +146,6 @@ def check_rules_file(path: Path, base: Base, rows: int, protected: set[int], bac
         raise UserError(f"{path}: version {data['version']!r} is not supported (expected 1)")
     if data.get("backend", backend) != backend:
         raise UserError(f"{path}: written for backend '{data['backend']}' but ivr.backend is '{backend}'")
-    alphabet = set(byte_to_unicode().values())
     seen_ids: dict[int, int] = {}
     seen_tokens: dict[str, int] = {}
     rules = []
@@ -167,13 +165,13 @@ def check_rules_file(path: Path, base: Base, rows: int, protected: set[int], bac
         if slot in base.special:
             raise UserError(f"{where}: id {slot} is the special token '{old}' and cannot be reassigned")
         if slot in protected:
-            raise UserError(f"{where}: id {slot} ('{readable(old) if old else 'unused row'}') is protected in ivr.protected_ids")
+            raise UserError(f"{where}: id {slot} ('{base.form.readable(old) if old else 'unused row'}') is protected in ivr.protected_ids")
         if slot < base.n_ids and base.single_byte(slot):
             raise UserError(f"{where}: id {slot} is the single-byte token '{old}' and cannot be reassigned")
         if old is None and slot < base.n_ids:
             raise UserError(f"{where}: id {slot} is not a token of the base tokenizer")
         if backend == "bpe" and slot in base.built_on:
-            raise UserError(f"{where}: id {slot} ('{readable(old)}') is a part of other merges; the bpe backend can only reassign tokens no merge builds on")
+            raise UserError(f"{where}: id {slot} ('{base.form.readable(old)}') is a part of other merges; the bpe backend can only reassign tokens no merge builds on")
         if "old_token" in entry and entry["old_token"] != old:
             raise UserError(f"{where}: old_token {entry['old_token']!r} does not match the base tokenizer's {old!r}")
         kind = entry.get("kind", "ngram")
@@ -186,8 +184,9 @@ def check_rules_file(path: Path, base: Base, rows: int, protected: set[int], bac
         new = entry.get("new_token")
         if not isinstance(new, str) or not new:
             raise UserError(f"{where}: new_token must be a non-empty string")
-        if kind != "special" and not set(new) <= alphabet:
-            raise UserError(f"{where}: new_token {new!r} is not a byte-level string (write bytes as the base vocabulary does, e.g. 'Ġ' for a space)")
+        if kind != "special" and not base.form.is_piece(new):
+            raise UserError(f"{where}: new_token {new!r} is not a token string of the base vocabulary's kind "
+                            "(write it as the base vocabulary does, e.g. 'Ġ' or '▁' for a space, never <0xNN> bytes)")
         if new in base.ids:
             raise UserError(f"{where}: new_token {new!r} is already token {base.ids[new]} of the base tokenizer")
         if new in seen_tokens:

@@ -27,7 +27,6 @@ from ivr.candidates import candidate_rows
 from ivr.cli import UserError, log
 from ivr.continued_bpe import Training, Words, continue_bpe, without
 from ivr.remap_rules import check_rules_file, make_rule, piece_segmentation, slot_kind, text_segmentation
-from ivr.tokenization import token_bytes
 
 
 @dataclass
@@ -41,7 +40,7 @@ class Special:
 
 def digit_ids(base: Base, policy: str) -> set[int]:
     """Tokens holding a digit, when new pieces must not join digits (auto: as the base never does)."""
-    has_digit = [i for i, t in enumerate(base.tokens) if t and i not in base.special and any(48 <= b <= 57 for b in token_bytes(t))]
+    has_digit = [i for i, t in enumerate(base.tokens) if t and i not in base.special and any(48 <= b <= 57 for b in base.form.token_bytes(t))]
     if policy == "merge" or (policy == "auto" and any(len(base.tokens[i]) > 1 for i in has_digit)):
         return set()
     return set(has_digit)
@@ -110,7 +109,8 @@ def select(
         )
     sacrificed = order[: max(n_reassign + len(specials) - len(unused_rows), 0)]
     taken = set(base.ids) | {s.token for s in specials}
-    blocked = digit_ids(base, digits)
+    # Byte-fallback tokens are never joined: their strings together are no token the model can produce.
+    blocked = digit_ids(base, digits) | {i for i, t in enumerate(base.tokens) if t and not base.form.is_piece(t)}
     # Sacrificed ids are split into their parts in the domain's segmentation. If the merges come short
     # of the budget fewer ids are needed; when that spares an id the domain uses, select again.
     budget = n_reassign
@@ -131,7 +131,7 @@ def select(
     for merge, slot in zip(training.merges, slots[len(specials) :]):
         slot_of[merge.new] = slot
         rules.append(make_rule(base, slot, slot_kind(base, slot), merge.string, piece_segmentation(base, merge.string), False))
-    selection = Selection(rules, candidate_rows(training, slot_of, words.domain_tokens))
+    selection = Selection(rules, candidate_rows(training, slot_of, words.domain_tokens, base.form.readable))
     selection.log_lines = selection_report(base, words, frequencies, training, rules, backend, n_reassign, min_count, protected)
     selection.log_lines.insert(5, f"- digits: {'kept apart, as in the base vocabulary' if blocked else 'may be joined'}")
     return selection
@@ -165,7 +165,7 @@ def select_from_file(
     if unused:
         log.warning("%d new tokens of %s are never produced on the training split, e.g. %r", len(unused), path, unused[0])
     slot_of = {m.new: wanted[m.string]["id"] for m in training.merges}
-    selection = Selection(rules, candidate_rows(training, slot_of, words.domain_tokens))
+    selection = Selection(rules, candidate_rows(training, slot_of, words.domain_tokens, base.form.readable))
     selection.log_lines = selection_report(base, words, frequencies, training, rules, backend, len(wanted), 1, protected, source=str(path))
     return selection
 

@@ -34,6 +34,11 @@ def byte_to_unicode() -> dict[int, str]:
 
 
 @lru_cache(maxsize=1)
+def _byte_level_alphabet() -> frozenset[str]:
+    return frozenset(byte_to_unicode().values())
+
+
+@lru_cache(maxsize=1)
 def _to_bytelevel_table() -> dict[int, str]:
     return {b: c for b, c in byte_to_unicode().items()}  # latin-1 code point == byte value
 
@@ -100,20 +105,120 @@ def _steps(node: dict | None) -> list[dict]:
     return [node]
 
 
+SUPPORTED = ("IVR supports byte-level BPE tokenizers (GPT-2, Llama-3, Qwen, SmolLM2) and SentencePiece-style BPE "
+             "with byte fallback (Llama-2, Mistral, Phi-3, TinyLlama, Gemma)")
+
+
 def check_byte_level_bpe(spec: dict, where: str) -> None:
-    """Refuse anything but a byte-level BPE, with a line saying what it is instead."""
-    model = spec.get("model", {}).get("type")
-    steps = _steps(spec.get("pre_tokenizer"))
-    if model == "BPE" and any(s.get("type") == "ByteLevel" for s in steps):
+    """For the unigram backend: refuse anything but a byte-level BPE, in one line saying what it is."""
+    if token_form(spec, where).byte_level:
         return
+    raise UserError(f"{where}: a SentencePiece-style BPE tokenizer: the unigram backend supports byte-level BPE "
+                    "tokenizers only; set ivr.backend: bpe")
+
+
+# ---- the two kinds of BPE tokenizer: what a token string stands for ------------------------------------
+
+SPACE = "\u2581"  # SentencePiece's visible space, "▁"
+_BYTE_TOKEN = regex.compile(r"<0x([0-9A-F]{2})>")
+# A SentencePiece-style word: its leading spaces and what follows up to the next space, or trailing spaces.
+_SENTENCEPIECE_WORD = regex.compile(f"{SPACE}*[^{SPACE}]+|{SPACE}+")
+
+
+class ByteLevelForm:
+    """GPT-2's byte-level BPE: every byte a printable character; a pre-token's text is mapped byte by byte."""
+
+    byte_level = True
+
+    @staticmethod
+    def token_bytes(token: str) -> bytes:
+        return token_bytes(token)
+
+    @staticmethod
+    def readable(token: str) -> str:
+        return readable(token)
+
+    @staticmethod
+    def model_input(piece: bytes) -> str:
+        """A pre-token's bytes as the BPE model reads them."""
+        return bytes_to_bytelevel(piece)
+
+    @staticmethod
+    def is_piece(token: str) -> bool:
+        """Whether a string can be a token of the model (a new token must be)."""
+        return set(token) <= _byte_level_alphabet()
+
+    @staticmethod
+    def is_byte(token: str) -> bool:
+        return len(token) == 1
+
+
+class SentencePieceForm:
+    """SentencePiece-style BPE (Llama-2, Mistral, Phi-3, Gemma): text with spaces as "▁", and a character the
+    vocabulary lacks spelt as its UTF-8 bytes, <0xNN> tokens. Pre-tokens are kept in the "▁" form."""
+
+    byte_level = False
+
+    @staticmethod
+    def token_bytes(token: str) -> bytes:
+        byte = _BYTE_TOKEN.fullmatch(token)
+        return bytes([int(byte.group(1), 16)]) if byte else token.replace(SPACE, " ").encode("utf-8")
+
+    @classmethod
+    def readable(cls, token: str) -> str:
+        return cls.token_bytes(token).decode("utf-8", errors="backslashreplace")
+
+    @staticmethod
+    def model_input(piece: bytes) -> str:
+        return piece.decode("utf-8", errors="surrogateescape")
+
+    @staticmethod
+    def is_piece(token: str) -> bool:
+        return not _BYTE_TOKEN.search(token)
+
+    @staticmethod
+    def is_byte(token: str) -> bool:
+        """Byte-fallback tokens and single characters: what every text falls back to."""
+        return len(token) == 1 or _BYTE_TOKEN.fullmatch(token) is not None
+
+
+def token_form(spec: dict, where: str) -> ByteLevelForm | SentencePieceForm:
+    """The kind of BPE a tokenizer.json holds; refuses anything else in one line saying what it is."""
+    model = spec.get("model", {})
+    kind = model.get("type")
+    steps = _steps(spec.get("pre_tokenizer"))
     kinds = ", ".join(s.get("type", "?") for s in steps) or "none"
-    hint = ""
-    if model == "Unigram" or any(s.get("type") == "Metaspace" for s in steps) or spec.get("model", {}).get("byte_fallback"):
-        hint = " (a SentencePiece-style tokenizer, as in Llama-2, Mistral or Gemma)"
-    raise UserError(
-        f"{where}: not a byte-level BPE tokenizer: model {model}, pre-tokenizer {kinds}{hint}; "
-        "IVR supports byte-level BPE tokenizers such as GPT-2's, SmolLM2's or Qwen's"
-    )
+    if kind == "BPE" and any(s.get("type") == "ByteLevel" for s in steps):
+        return ByteLevelForm()
+    if kind == "BPE" and all(s.get("type") == "Metaspace" for s in steps):
+        vocab = model.get("vocab", {})
+        if model.get("byte_fallback") and all(f"<0x{b:02X}>" in vocab for b in range(256)):
+            return SentencePieceForm()
+        raise UserError(
+            f"{where}: a SentencePiece-style BPE tokenizer without byte fallback (model BPE, pre-tokenizer {kinds}, "
+            "no <0x00>..<0xFF> byte tokens): text outside its vocabulary has no tokens; " + SUPPORTED
+        )
+    what = "a SentencePiece Unigram tokenizer" if kind == "Unigram" else f"a {kind} tokenizer"
+    raise UserError(f"{where}: {what} (pre-tokenizer {kinds}) is not supported; {SUPPORTED}")
+
+
+def sentencepiece_pretokenizer(spec: dict, tok) -> Callable[[str], list[str]]:
+    """Exact pre-tokens of a SentencePiece-style BPE, in the "▁" form its model reads: the tokenizer's own
+    normalizer and pre-tokenizer, then, unless some token joins a letter to a following space, each piece
+    cut into words (a run of spaces with what follows up to the next space): no merge crosses such a cut."""
+    normalize = tok.normalizer.normalize_str if tok.normalizer else None
+    pre = tok.pre_tokenizer
+    joined = regex.compile(f"[^{SPACE}]{SPACE}")
+    added = {t["content"] for t in spec.get("added_tokens", [])}
+    by_word = not any(joined.search(t) for t in spec["model"]["vocab"] if t not in added)
+
+    def pretokenize(text: str) -> list[str]:
+        if normalize:
+            text = normalize(text)
+        pieces = [p for p, _ in pre.pre_tokenize_str(text)] if pre else [text]
+        return [w for p in pieces for w in _SENTENCEPIECE_WORD.findall(p)] if by_word else pieces
+
+    return pretokenize
 
 
 def _split(pattern: regex.Pattern, behavior: str, invert: bool) -> Callable[[str], list[str]]:
