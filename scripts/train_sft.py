@@ -22,8 +22,9 @@ never get weight decay, which would move held rows although their gradient is ze
 
 After training the weights may be interpolated with the model training started from (training.interpolation,
 ivr/retention.py): `auto` keeps the weight with the best --dev bits per byte among those that hold every
-base-language --unseen-dev text within training.retention_tolerance of --reference-model (the base); the
-weights tried and their scores go into training_stats.json.
+base-language --unseen-dev text within training.retention_tolerance of --reference-model (the base),
+trying 1.0, 0.9, ... until the --dev bits per byte get worse than the best such weight's; the weights
+tried and their scores go into training_stats.json.
 
 Checkpoints (model, optimizer, scheduler, RNG, step, data position, resolved settings) go to
 --checkpoint-dir every training.checkpoint_every steps, under a key hashed from the inputs and settings: a
@@ -113,11 +114,15 @@ def retain(model, start: dict[str, torch.Tensor], args: argparse.Namespace, sett
     tokenizer = load_tokenizer(args.model, trust_remote_code=args.trust_remote_code)
     scores = {}
     model.to(device)
-    for alpha in alphas:
+    tolerance = settings["retention_tolerance"]
+    for alpha in alphas:  # from 1.0 down, until the domain dev gets worse than the best weight that keeps the base
         load_weights(model, interpolate(start, trained, alpha))
         scores[alpha] = score(model, tokenizer, texts, settings["eval_byte_budget"], device)
         log.info("interpolation %.2f: %s", alpha, scores[alpha])
-    alpha, why = choose_alpha(scores, reference, settings["retention_tolerance"])
+        kept = [a for a in scores if all(scores[a][k] <= v * (1 + tolerance) for k, v in reference.items())]
+        if kept and scores[alpha]["dev_bpb"] > min(scores[a]["dev_bpb"] for a in kept):
+            break
+    alpha, why = choose_alpha(scores, reference, tolerance)
     load_weights(model, interpolate(start, trained, alpha))
     model.to("cpu")
     log.info("interpolation with the start model: alpha %.2f (%s)", alpha, why)

@@ -96,8 +96,12 @@ def test_auto_interpolation_follows_the_rule_and_a_fixed_one_is_the_straight_lin
                  "interpolation=auto")
     chosen = stats(auto)["interpolation"]
     scores = {float(a): s for a, s in chosen["scores"].items()}
-    assert sorted(scores) == pytest.approx([0.1 * k for k in range(1, 11)])
+    tried = sorted(scores, reverse=True)
+    assert tried == pytest.approx([1.0 - 0.1 * k for k in range(len(tried))])  # from 1.0 down, in steps of 0.1
     assert chosen["alpha"] == choose_alpha(scores, chosen["reference"], 0.05)[0]
+    kept = [a for a in tried if scores[a]["prose_bpb"] <= chosen["reference"]["prose_bpb"] * 1.05]
+    if len(tried) < 10:  # it stopped: the last weight tried is worse on the domain than the best one kept
+        assert kept and scores[tried[-1]]["dev_bpb"] > min(scores[a]["dev_bpb"] for a in kept)
     assert set(chosen["reference"]) == {"prose_bpb"}
     assert scores[1.0]["prose_bpb"] > chosen["reference"]["prose_bpb"]  # training on Korean cost English
 
