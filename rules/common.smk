@@ -339,7 +339,7 @@ def validate_inputs(wildcards):
     if config["ivr"]["backend"] == "unigram":
         inputs["fidelity"] = "results/tokenizer/fidelity.json"
     inputs["unseen"] = unseen_inputs("report")
-    inputs["training_texts"] = training_texts()
+    inputs["training_texts"] = sorted({asset_folder(p) for p in training_texts()})
     return inputs
 
 
