@@ -152,12 +152,18 @@ def unseen_texts(role):
 
 def unseen_inputs(*roles):
     return sorted(
-        {asset_folder(p) for role in roles for t in unseen_texts(role) for p in t["paths"]}
+        {
+            asset_folder(p)
+            for role in roles
+            for t in unseen_texts(role)
+            for p in t["paths"]
+        }
     )
 
 
 def unseen_args(flag, role):
-    return " ".join(f"{flag} {shlex.quote(unseen_spec(t))}" for t in unseen_texts(role))
+    """[flag, spec, flag, spec, ...] for the unseen texts of a role."""
+    return [a for t in unseen_texts(role) for a in (flag, unseen_spec(t))]
 
 
 def remap_inputs(wildcards):
@@ -185,7 +191,9 @@ def remap_args(wildcards, input):
         args += ["--distilled", input.distilled]
     if "general_heldout" in input.keys():
         args += ["--general-heldout", input.general_heldout]
-    for texts in config["ivr"]["eval_texts"] + unseen_texts("report") + unseen_texts("dev"):
+    for texts in (
+        config["ivr"]["eval_texts"] + unseen_texts("report") + unseen_texts("dev")
+    ):
         args += ["--extra", f"{texts['name']}={','.join(texts['paths'])}"]
     return " ".join(shlex.quote(str(a)) for a in args)
 
@@ -277,7 +285,8 @@ def train_args(wildcards, input):
             args += [flag, input[key]]
     if "base" in input.keys():
         args += ["--reference-model", base_model()]
-    return " ".join(shlex.quote(str(a)) for a in args) + " " + unseen_args("--unseen-dev", "dev")
+    args += unseen_args("--unseen-dev", "dev")
+    return " ".join(shlex.quote(str(a)) for a in args)
 
 
 def branch_settings(wildcards):
@@ -288,7 +297,9 @@ def branch_settings(wildcards):
     control = {key: settings.pop(f"control_{key}") for key in ("lr", "interpolation")}
     if trained_branch(wildcards) == "control":
         settings.pop("budget")
-        settings.update({key: value for key, value in control.items() if value is not None})
+        settings.update(
+            {key: value for key, value in control.items() if value is not None}
+        )
     return json.dumps(settings, sort_keys=True)
 
 
@@ -346,7 +357,9 @@ def validate_inputs(wildcards):
 def training_texts():
     """Every split and text that training or a choice of settings reads, which no unseen text may share."""
     corpora = ["domain", "general"] if has_general() else ["domain"]
-    splits = [f"results/corpus/{c}/{s}.jsonl" for c in corpora for s in ("train", "dev")]
+    splits = [
+        f"results/corpus/{c}/{s}.jsonl" for c in corpora for s in ("train", "dev")
+    ]
     return splits + [p for t in unseen_texts("dev") for p in t["paths"]]
 
 
@@ -362,7 +375,8 @@ def validate_args(wildcards, input):
             args += [flag, input[key]]
     for path in training_texts():
         args += ["--training-texts", path]
-    return " ".join(shlex.quote(str(a)) for a in args) + " " + unseen_args("--unseen", "report")
+    args += unseen_args("--unseen", "report")
+    return " ".join(shlex.quote(str(a)) for a in args)
 
 
 def final_model_checksummed_inputs():
