@@ -176,7 +176,6 @@ def remap_inputs(wildcards):
         "eval_texts": sorted(
             {asset_folder(p) for t in config["ivr"]["eval_texts"] for p in t["paths"]}
         ),
-        "unseen": unseen_inputs("report", "dev"),
     }
     if has_general():
         inputs["general_heldout"] = "results/corpus/general/heldout.jsonl"
@@ -191,9 +190,7 @@ def remap_args(wildcards, input):
         args += ["--distilled", input.distilled]
     if "general_heldout" in input.keys():
         args += ["--general-heldout", input.general_heldout]
-    for texts in (
-        config["ivr"]["eval_texts"] + unseen_texts("report") + unseen_texts("dev")
-    ):
+    for texts in config["ivr"]["eval_texts"]:
         args += ["--extra", f"{texts['name']}={','.join(texts['paths'])}"]
     return " ".join(shlex.quote(str(a)) for a in args)
 
