@@ -43,7 +43,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 
 from ivr.config import read_configs  # noqa: E402
-from ivr.retention import unseen_spec  # noqa: E402
+from ivr.retention import retention_ratio, unseen_spec  # noqa: E402
 
 GRID = (3e-4, 6e-4, 1.2e-3, 2.4e-3)
 
@@ -137,16 +137,14 @@ def run_trials(trials: list[tuple[str, str, dict]], config: dict, data: dict[str
         return list(pool.map(one, trials))
 
 
-def retention_ratio(record: dict) -> float:
-    """The worst ratio, over the base-language dev texts, of the trial's bits per byte to the base model's."""
-    return max((record["interpolated"][k] / v for k, v in record["reference"].items()), default=0.0)
-
-
 def best(records: list[dict], tolerance: float) -> dict:
     """The retention rule: the best domain dev among the trials that keep the base within the tolerance."""
-    kept = [r for r in records if retention_ratio(r) <= 1 + tolerance]
+    def ratio(record: dict) -> float:
+        return retention_ratio(record["interpolated"], record["reference"])
+
+    kept = [r for r in records if ratio(r) <= 1 + tolerance]
     if not kept:
-        return min(records, key=retention_ratio)
+        return min(records, key=ratio)
     return min(kept, key=lambda r: r["interpolated"]["dev_bpb"])
 
 

@@ -65,7 +65,8 @@ from ivr.held_rows import full_state  # noqa: E402
 from ivr.modeling import embedding_weights, load_causal_lm, load_weights  # noqa: E402
 from ivr.tokenization import load_tokenizer  # noqa: E402
 from ivr.packed_data import PackedBlocks, block_stream, read_meta  # noqa: E402
-from ivr.retention import alphas_of, choose_alpha, interpolate, parse_unseen, read_unseen  # noqa: E402
+from ivr.retention import (alphas_of, choose_alpha, interpolate, parse_unseen, read_unseen,  # noqa: E402
+                           retention_ratio)
 from ivr.stages import Stage, plan_stages, read_rules  # noqa: E402
 from ivr.train_settings import read_settings_arg, resolve_settings  # noqa: E402
 from ivr.trainer import (Progress, Watch, build_stage_model, load_model, lora_config,  # noqa: E402
@@ -119,7 +120,7 @@ def retain(model, start: dict[str, torch.Tensor], args: argparse.Namespace, sett
         load_weights(model, interpolate(start, trained, alpha))
         scores[alpha] = score(model, tokenizer, texts, settings["eval_byte_budget"], device)
         log.info("interpolation %.2f: %s", alpha, scores[alpha])
-        kept = [a for a in scores if all(scores[a][k] <= v * (1 + tolerance) for k, v in reference.items())]
+        kept = [a for a in scores if retention_ratio(scores[a], reference) <= 1 + tolerance]
         if kept and scores[alpha]["dev_bpb"] > min(scores[a]["dev_bpb"] for a in kept):
             break
     alpha, why = choose_alpha(scores, reference, tolerance)

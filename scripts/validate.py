@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from ivr.cli import UserError, atomic_outputs, log, run_main  # noqa: E402
 from ivr.corpus import iter_jsonl_texts  # noqa: E402
 from ivr.files import read_json  # noqa: E402
-from ivr.retention import parse_unseen, read_unseen, shared_documents  # noqa: E402
+from ivr.retention import parse_unseen, read_unseen, shared_documents, training_keys  # noqa: E402
 
 MODELS = ("base", "initialized", "sft", "control")
 LABELS = {"base": "base", "initialized": "initialized (IVR, before training)", "sft": "IVR (fine-tuned)", "control": "control (base fine-tuned)"}
@@ -386,8 +386,9 @@ def main(argv: list[str] | None = None) -> None:
     prompts = [cut_to_bytes(t, args.prompt_bytes) for t in domain[: args.prompts]]
     texts = [parse_unseen(spec, "--unseen") for spec in args.unseen]
     unseen = {t.name: read_unseen(t, args.max_documents) for t in texts}
+    training = training_keys(args.training_texts) if texts else set()
     overlap = {t.name: {"language": t.language, "documents": len(unseen[t.name]),
-                        "shared_with_training": shared_documents(unseen[t.name], args.training_texts)} for t in texts}
+                        "shared_with_training": shared_documents(unseen[t.name], training)} for t in texts}
     paths = {"base": args.base_model, "initialized": args.initialized, "sft": args.sft, "control": args.control}
     models = {name: evaluate(name, path, domain, general, unseen, prompts, args) for name, path in paths.items() if path}
     logs = {name: read_jsonl(Path(paths[name]) / "train_log.jsonl") for name in ("sft", "control") if paths[name]}

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from conftest import ROOT, write_jsonl
 from test_train_sft import packed, run, stats, train_command  # noqa: F401 (packed: a fixture)
 
-from ivr.retention import choose_alpha, interpolate, parse_unseen, shared_documents
+from ivr.retention import choose_alpha, interpolate, parse_unseen, shared_documents, training_keys
 from ivr.cli import UserError
 
 
@@ -70,10 +70,10 @@ def test_unseen_specs_are_checked():
 
 def test_shared_documents_are_found_by_hash_whatever_the_normal_form(tmp_path):
     train = write_jsonl(tmp_path / "train.jsonl", [{"text": "정부는 법안을 제출한다."}, {"text": "other"}])
-    assert shared_documents(["정부는 법안을 제출한다.", "unseen"], [str(train)]) == 1
+    assert shared_documents(["정부는 법안을 제출한다.", "unseen"], training_keys([str(train)])) == 1
     decomposed = __import__("unicodedata").normalize("NFD", "정부는 법안을 제출한다.")
-    assert shared_documents([decomposed + "\n"], [str(train)]) == 1
-    assert shared_documents(["unseen"], [str(train)]) == 0
+    assert shared_documents([decomposed + "\n"], training_keys([str(train)])) == 1
+    assert shared_documents(["unseen"], training_keys([str(train)])) == 0
 
 
 def train(tiny_gpt2_dir, packed, out: Path, dev: Path, unseen_dev: Path, *settings: str) -> Path:

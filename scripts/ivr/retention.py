@@ -66,16 +66,14 @@ def _key(text: str) -> bytes:
     return hashlib.sha256(unicodedata.normalize("NFC", text).strip().encode("utf-8")).digest()
 
 
-def shared_documents(unseen: Iterable[str], training_paths: Iterable[str]) -> int:
-    """How many documents of the unseen texts also occur, whole, in any of the training inputs (JSON lines)."""
-    keys = {_key(t) for t in unseen}
-    shared = set()
-    for path in training_paths:
-        for doc in iter_jsonl_texts(path):
-            key = _key(doc)
-            if key in keys:
-                shared.add(key)
-    return len(shared)
+def training_keys(paths: Iterable[str]) -> set[bytes]:
+    """The hashes of every document of the training and dev inputs (JSON lines), read once."""
+    return {_key(doc) for path in paths for doc in iter_jsonl_texts(path)}
+
+
+def shared_documents(unseen: Iterable[str], training: set[bytes]) -> int:
+    """How many documents of an unseen text also occur, whole, in the training inputs (their training_keys)."""
+    return len({_key(t) for t in unseen} & training)
 
 
 def interpolate(start: dict[str, torch.Tensor], trained: dict[str, torch.Tensor], alpha: float) -> dict[str, torch.Tensor]:
@@ -94,13 +92,18 @@ def alphas_of(setting) -> tuple[float, ...]:
     return AUTO_ALPHAS if setting == "auto" else (float(setting),)
 
 
+def retention_ratio(scores: dict[str, float], reference: dict[str, float]) -> float:
+    """The worst ratio, over the base-language dev texts (the keys of reference), of bits per byte to the base's."""
+    return max((scores[k] / v for k, v in reference.items()), default=0.0)
+
+
 def choose_alpha(scores: dict[float, dict[str, float]], reference: dict[str, float], tolerance: float) -> tuple[float, str]:
     """The retention rule: the alpha with the best domain dev bits per byte (`dev_bpb`) among those that keep
     every base-language dev text (the keys of `reference`, the base model's bits per byte there) within
     (1 + tolerance) of the base; with none, the alpha that comes closest. Returns it and why.
     """
     def worst(alpha: float) -> float:
-        return max((scores[alpha][k] / v for k, v in reference.items()), default=0.0)
+        return retention_ratio(scores[alpha], reference)
 
     kept = [a for a in scores if worst(a) <= 1 + tolerance]
     if kept:
