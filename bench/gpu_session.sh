@@ -309,6 +309,8 @@ orchestrate() {
   fi
   wait
   if ! stage default_run "$PY" -m snakemake results/final_model "${SNAKE_OPTS[@]}" "${CHOSEN[@]}"; then
+    # only a failed training is retried: a failed gate or report is the run's result, not a graphs fault
+    grep -q "Error in rule train_sft" "$STATE/default_run.log" || return 1
     [[ $(cfg "c['training']['cuda_graphs']") == true ]] && compiled_body || return 1
     say "the default run failed with CUDA graphs: once more without them (it resumes from its checkpoints)"
     mv "$STATE/default_run.log" "$STATE/default_run_graphs.log"
