@@ -90,6 +90,7 @@ def trial_command(config: dict, branch: str, name: str, overrides: dict, data: d
     if branch == "control":
         settings.pop("budget")
         settings.update({key: value for key, value in control.items() if value is not None})
+        settings["interpolation_anchor"] = "start"  # the base: the control has no stage 1
     settings.update(overrides)
     global_batch = settings["micro_batch_size"] * settings["gradient_accumulation"]
     if micro_batch and global_batch % micro_batch == 0:  # the same global batch in less memory
@@ -123,9 +124,10 @@ def run_trials(trials: list[tuple[str, str, dict]], config: dict, data: dict[str
         shutil.copyfile(out / name / "model" / "train_log.jsonl", out / name / "train_log.jsonl")
         shutil.rmtree(out / name / "model")  # the dev figures are all a trial leaves
         interpolation = stats["interpolation"]
-        after = interpolation.get("scores", {}).get(f"{interpolation['alpha']:g}", {})
+        anchor = interpolation.get("anchor", "start")
+        after = interpolation.get("scores", {}).get(anchor, {}).get(f"{interpolation['alpha']:g}", {})
         record = {"branch": branch, "name": name, "overrides": overrides, **stats["dev_bpb"],
-                  "alpha": interpolation["alpha"], "interpolated": {**stats["dev_bpb"], **after},
+                  "alpha": interpolation["alpha"], "anchor": anchor, "interpolated": {**stats["dev_bpb"], **after},
                   "reference": interpolation.get("reference", {}),
                   "optimizer_steps": stats["optimizer_steps"], "tokens": stats["tokens_seen"],
                   "flops": stats["training_flops"], "passes": stats["passes"], "train_seconds": stats["wall_clock_s"],
@@ -149,16 +151,16 @@ def best(records: list[dict], tolerance: float) -> dict:
 
 
 def table(records: list[dict], unseen: list[str]) -> str:
-    """Each trial's dev figures as trained (alpha 1) -> after its interpolation (alpha)."""
+    """Each trial's dev figures as trained (alpha 1) -> after its interpolation (alpha towards its anchor)."""
     keys = ["dev_bpb", "general_dev_bpb", *(f"{name}_bpb" for name in unseen)]
     heads = ["domain dev", "general dev", *unseen]
-    lines = ["| branch | trial | settings | alpha | " + " | ".join(f"{h} bits/byte" for h in heads)
+    lines = ["| branch | trial | settings | alpha (anchor) | " + " | ".join(f"{h} bits/byte" for h in heads)
              + " | steps | tokens | training FLOPs | train s | process s |",
              "|---" * (9 + len(keys)) + "|"]
     for r in records:
         settings = ", ".join(f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}" for k, v in r["overrides"].items())
         cells = " | ".join(f"{r.get(k, math.nan):.4f} -> {r['interpolated'].get(k, r.get(k, math.nan)):.4f}" for k in keys)
-        lines.append(f"| {r['branch']} | {r['name']} | {settings} | {r['alpha']:g} | {cells} | {r['optimizer_steps']} | "
+        lines.append(f"| {r['branch']} | {r['name']} | {settings} | {r['alpha']:g} ({r.get('anchor', 'start')}) | {cells} | {r['optimizer_steps']} | "
                      f"{r['tokens']:,} | {r['flops']:.3e} | {r['train_seconds']:.0f} | {r['process_seconds']:.0f} |")
     reference = next((r["reference"] for r in records if r["reference"]), {})
     if reference:

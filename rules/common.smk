@@ -297,6 +297,7 @@ def branch_settings(wildcards):
         settings.update(
             {key: value for key, value in control.items() if value is not None}
         )
+        settings["interpolation_anchor"] = "start"  # the base: the control has no stage 1
     return json.dumps(settings, sort_keys=True)
 
 

@@ -20,11 +20,12 @@ Held rows are checked during training and at the end: the maximum absolute chang
 (DeepSpeed's fp32 master copy) since the stage began must be exactly 0. The embedding and head matrices
 never get weight decay, which would move held rows although their gradient is zero.
 
-After training the weights may be interpolated with the model training started from (training.interpolation,
-ivr/retention.py): `auto` keeps the weight with the best --dev bits per byte among those that hold every
-base-language --unseen-dev text within training.retention_tolerance of --reference-model (the base),
-trying 1.0, 0.9, ... until the --dev bits per byte get worse than the best such weight's; the weights
-tried and their scores go into training_stats.json.
+After training the weights may be interpolated with an anchor (training.interpolation and
+training.interpolation_anchor, ivr/retention.py): the model training started from, or that model with the
+reassigned rows as stage 1 left them. `auto` keeps the weight with the best --dev bits per byte among those
+that hold every base-language --unseen-dev text within training.retention_tolerance of --reference-model
+(the base), trying 1.0, 0.9, ... towards each anchor until the --dev bits per byte get worse than the best
+such weight's; the weights tried and their scores go into training_stats.json.
 
 Checkpoints (model, optimizer, scheduler, RNG, step, data position, resolved settings) go to
 --checkpoint-dir every training.checkpoint_every steps, under a key hashed from the inputs and settings: a
@@ -65,8 +66,8 @@ from ivr.held_rows import full_state  # noqa: E402
 from ivr.modeling import embedding_weights, load_causal_lm, load_weights  # noqa: E402
 from ivr.tokenization import load_tokenizer  # noqa: E402
 from ivr.packed_data import PackedBlocks, block_stream, read_meta  # noqa: E402
-from ivr.retention import (alphas_of, choose_alpha, interpolate, parse_unseen, read_unseen,  # noqa: E402
-                           retention_ratio)
+from ivr.retention import (alphas_of, anchors_of, choose_weight, interpolate, parse_unseen,  # noqa: E402
+                           read_unseen, retention_ratio, with_rows)
 from ivr.stages import Stage, plan_stages, read_rules  # noqa: E402
 from ivr.train_settings import read_settings_arg, resolve_settings  # noqa: E402
 from ivr.trainer import (Progress, Watch, build_stage_model, load_model, lora_config,  # noqa: E402
@@ -89,16 +90,18 @@ def score(model, tokenizer, texts: dict[str, list[str]], byte_budget: int, devic
                 for key, docs in texts.items() if docs}
 
 
-def retain(model, start: dict[str, torch.Tensor], args: argparse.Namespace, settings: dict, device) -> dict:
-    """Interpolate the trained model with the one training started from (training.interpolation), the
-    weight chosen by the retention rule on the dev texts when `auto`; returns what was measured."""
+def retain(model, anchors: dict[str, dict[str, torch.Tensor]], args: argparse.Namespace, settings: dict,
+           device) -> dict:
+    """Interpolate the trained model with an anchor (training.interpolation, training.interpolation_anchor),
+    the weight chosen by the retention rule on the dev texts when `auto`; returns what was measured."""
     alphas = alphas_of(settings["interpolation"])
     if alphas == (1.0,):
         return {"alpha": 1.0, "rule": "off (training.interpolation: 1.0)"}
     trained = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    if len(alphas) == 1:
+    if len(alphas) == 1 and len(anchors) == 1:
+        (anchor, start), = anchors.items()
         load_weights(model, interpolate(start, trained, alphas[0]))
-        return {"alpha": alphas[0], "rule": "fixed (training.interpolation)"}
+        return {"alpha": alphas[0], "anchor": anchor, "rule": "fixed (training.interpolation)"}
     unseen = [parse_unseen(spec, "--unseen-dev") for spec in args.unseen_dev]
     docs = {t: read_unseen(t, settings["eval_documents"]) for t in unseen}
     base_language = {f"{t.name}_bpb": d for t, d in docs.items() if t.language == "base"}
@@ -113,28 +116,50 @@ def retain(model, start: dict[str, torch.Tensor], args: argparse.Namespace, sett
                       settings["eval_byte_budget"], device)
     del base
     tokenizer = load_tokenizer(args.model, trust_remote_code=args.trust_remote_code)
-    scores = {}
+    scores: dict[tuple[str, float], dict[str, float]] = {}
     model.to(device)
     tolerance = settings["retention_tolerance"]
-    for alpha in alphas:  # from 1.0 down, until the domain dev gets worse than the best weight that keeps the base
-        load_weights(model, interpolate(start, trained, alpha))
-        scores[alpha] = score(model, tokenizer, texts, settings["eval_byte_budget"], device)
-        log.info("interpolation %.2f: %s", alpha, scores[alpha])
-        kept = [a for a in scores if retention_ratio(scores[a], reference) <= 1 + tolerance]
-        if kept and scores[alpha]["dev_bpb"] > min(scores[a]["dev_bpb"] for a in kept):
-            break
-    alpha, why = choose_alpha(scores, reference, tolerance)
-    load_weights(model, interpolate(start, trained, alpha))
+    for anchor, start in anchors.items():
+        for alpha in alphas:  # from 1.0 down, until the domain dev gets worse than the best weight that keeps the base
+            if alpha == 1.0 and scores:  # the trained model itself, whatever the anchor
+                scores[anchor, alpha] = next(iter(scores.values()))
+                continue
+            load_weights(model, interpolate(start, trained, alpha))
+            scores[anchor, alpha] = score(model, tokenizer, texts, settings["eval_byte_budget"], device)
+            log.info("interpolation %.2f towards %s: %s", alpha, anchor, scores[anchor, alpha])
+            kept = [w for w in scores if retention_ratio(scores[w], reference) <= 1 + tolerance]
+            if kept and scores[anchor, alpha]["dev_bpb"] > min(scores[w]["dev_bpb"] for w in kept):
+                break
+    (anchor, alpha), why = choose_weight(scores, reference, tolerance)
+    load_weights(model, interpolate(anchors[anchor], trained, alpha))
     model.to("cpu")
-    log.info("interpolation with the start model: alpha %.2f (%s)", alpha, why)
-    return {"alpha": alpha, "rule": why, "tolerance": settings["retention_tolerance"], "reference": reference,
-            "scores": {f"{a:g}": s for a, s in scores.items()}}
+    log.info("interpolation: alpha %.2f towards %s (%s)", alpha, anchor, why)
+    return {"alpha": alpha, "anchor": anchor, "rule": why, "tolerance": settings["retention_tolerance"],
+            "reference": reference,
+            "scores": {name: {f"{a:g}": s for (n, a), s in scores.items() if n == name} for name in anchors}}
+
+
+def embedding_keys(model) -> list[list[str]]:
+    """The state keys of each embedding matrix (embedding_weights' order), tied aliases included."""
+    state = model.state_dict(keep_vars=True)
+    return [[k for k, v in state.items() if v is weight] for weight in embedding_weights(model)]
+
+
+def save_stage1_rows(path: Path, model, state: dict[str, torch.Tensor], rows) -> None:
+    """The reassigned rows as stage 1 left them (the `stage1` anchor), one tensor per embedding matrix."""
+    from safetensors.torch import save_file
+
+    names = {id(p): n for n, p in model.named_parameters()}
+    values = {f"matrix{i}": state[names[id(w)]][rows].contiguous() for i, w in enumerate(embedding_weights(model))}
+    partial = path.with_suffix(".partial")
+    save_file({"rows": torch.from_numpy(rows), **values}, partial)
+    partial.replace(path)
 
 
 def save_output(out: str, args: argparse.Namespace, stage: Stage, settings: dict, state: dict[str, torch.Tensor],
-                log_path: Path, stats: dict, device) -> None:
-    """Write the trained model (LoRA merged, interpolated with its start as training.interpolation says) in
-    the input's dtype, with the tokenizer, log and stats.
+                log_path: Path, stats: dict, device, stage1_rows: dict[str, torch.Tensor] | None) -> None:
+    """Write the trained model (LoRA merged, interpolated as training.interpolation says) in the input's
+    dtype, with the tokenizer, log and stats.
 
     Held rows get the input model's exact values back; the checks during training proved they did not
     move since prepare, so this only undoes rounding by a bf16 cast at prepare (DeepSpeed).
@@ -144,6 +169,11 @@ def save_output(out: str, args: argparse.Namespace, stage: Stage, settings: dict
     held = torch.from_numpy(stage.held_rows)
     before = [w.detach()[held].clone() for w in embedding_weights(model)]
     start = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    anchors = {"start": start}
+    if stage1_rows is not None:
+        anchors["stage1"] = with_rows(start, embedding_keys(model), stage1_rows["rows"],
+                                      [stage1_rows[f"matrix{i}"] for i in range(len(embedding_weights(model)))])
+    anchors = {name: anchors[name] for name in anchors_of(settings["interpolation_anchor"], stage1_rows is not None)}
     if stage.kind == "lora":
         from peft import get_peft_model
 
@@ -152,8 +182,8 @@ def save_output(out: str, args: argparse.Namespace, stage: Stage, settings: dict
         model = model.merge_and_unload()
     else:
         load_weights(model, state)
-    stats["interpolation"] = retain(model, start, args, settings, device)
-    del start
+    stats["interpolation"] = retain(model, anchors, args, settings, device)
+    del start, anchors
     drift = 0.0
     with torch.no_grad():
         for weight, value in zip(embedding_weights(model), before):
@@ -227,6 +257,8 @@ def train(args: argparse.Namespace) -> None:
     total_steps, budget = plan_compute(args, settings, dataset, global_batch)
     epochs = total_steps * global_batch / dataset.meta["blocks"]
     stages = plan_stages(settings, total_steps, num_rows, rules)
+    has_stage1 = len(stages) == 2 and stages[0].kind == "rows"
+    anchors_of(settings["interpolation_anchor"], has_stage1)  # an anchor this run cannot have: refused before training
     stream = block_stream(dataset.meta["blocks"], total_steps * global_batch, settings["seed"])
     watch = dev_watch(args, settings, dataset, total_steps)
     world = {"processes": accelerator.num_processes, "distributed": accelerator.distributed_type.name,
@@ -254,6 +286,8 @@ def train(args: argparse.Namespace) -> None:
     checkpoints.truncate_log(progress.step)  # what a killed run logged after its checkpoint (all, if none)
     tracking.start(accelerator, args.checkpoint_dir, checkpoints.log_path, progress.checks)
 
+    # the `stage1` anchor of the interpolation, kept beside the checkpoints so that a resumed stage 2 has it
+    stage1_path = checkpoints.root / "stage1_rows.safetensors"
     prepared = None
     with StopRequest() as stop:
         try:
@@ -263,6 +297,9 @@ def train(args: argparse.Namespace) -> None:
                 weights = None
                 if prepared is not None:  # the previous stage's weights, in full fp32, start this one
                     weights = full_state(accelerator, prepared.loss_model, prepared.originals)
+                    if accelerator.is_main_process:
+                        save_stage1_rows(stage1_path, accelerator.unwrap_model(prepared.loss_model).model, weights,
+                                         stages[0].learn_rows)
                     prepared = None
                     accelerator.free_memory()
                 with whole_models(accelerator):
@@ -304,7 +341,13 @@ def train(args: argparse.Namespace) -> None:
         }
         tracking.flush(accelerator)
         with whole_models(accelerator):
-            save_output(args.out, args, stages[-1], settings, final, checkpoints.log_path, stats, accelerator.device)
+            stage1_rows = None
+            if has_stage1:
+                from safetensors.torch import load_file
+
+                stage1_rows = load_file(stage1_path)
+            save_output(args.out, args, stages[-1], settings, final, checkpoints.log_path, stats, accelerator.device,
+                        stage1_rows)
         logger.info(f"saved {args.out}: {progress.tokens} tokens in {progress.elapsed:.0f} s of training, "
                     f"loss {progress.first_loss:.3f} -> {stats['final_loss']}"
                     + (f", dev bits per byte {stats['dev_bpb']}" if stats["dev_bpb"] else ""))

@@ -149,9 +149,9 @@ def compute_table(results: dict) -> str:
         if len(values) == 2:
             cells += f"<td>{fmt(values[0] / values[1], 3) if values[0] is not None and values[1] else '–'}</td>"
         rows += f"<tr><td>{label}</td>{cells}</tr>"
-    alphas = [training[n].get("interpolation", {}).get("alpha") for n in names]
-    rows += ("<tr><td>interpolation with its start (alpha; 1 = none)</td>"
-             + "".join(f"<td>{fmt(a, 2)}</td>" for a in alphas) + ("<td></td>" if len(names) == 2 else "") + "</tr>")
+    chosen = [training[n].get("interpolation", {}) for n in names]
+    rows += ("<tr><td>interpolation (alpha towards its anchor; 1 = none)</td>"
+             + "".join(f"<td>{fmt(c.get('alpha'), 2)} {html.escape(c.get('anchor', ''))}</td>" for c in chosen) + ("<td></td>" if len(names) == 2 else "") + "</tr>")
     for split, label in (("domain", "held-out domain bits per byte"), ("general", "held-out general bits per byte")):
         values = [results["models"].get(n, {}).get(split, {}).get("bits_per_byte") for n in names]
         cells = "".join(f"<td>{fmt(v)}</td>" for v in values)

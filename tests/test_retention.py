@@ -16,9 +16,9 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import ROOT, write_jsonl
-from test_train_sft import packed, run, stats, train_command  # noqa: F401 (packed: a fixture)
+from test_train_sft import REASSIGNED, packed, rules_file, run, stats, train_command  # noqa: F401 (fixtures)
 
-from ivr.retention import choose_alpha, interpolate, parse_unseen, shared_documents, training_keys
+from ivr.retention import choose_weight, interpolate, parse_unseen, shared_documents, training_keys
 from ivr.cli import UserError
 
 
@@ -52,13 +52,16 @@ def test_interpolation_is_a_straight_line_from_the_start_that_leaves_unchanged_r
 
 def test_the_retention_rule_keeps_the_best_domain_dev_within_the_tolerance_of_the_base():
     reference = {"prose_bpb": 1.0}
-    scores = {1.0: {"dev_bpb": 0.60, "prose_bpb": 1.40}, 0.7: {"dev_bpb": 0.64, "prose_bpb": 1.05},
-              0.5: {"dev_bpb": 0.70, "prose_bpb": 1.01}, 0.3: {"dev_bpb": 0.90, "prose_bpb": 0.99}}
-    assert choose_alpha(scores, reference, 0.05)[0] == 0.7
-    assert choose_alpha(scores, reference, 0.5)[0] == 1.0
-    assert choose_alpha(scores, reference, 0.0)[0] == 0.3
-    alpha, why = choose_alpha(scores, {"prose_bpb": 0.5}, 0.05)  # none within: the closest
-    assert alpha == 0.3 and "none within" in why
+    scores = {("start", 1.0): {"dev_bpb": 0.60, "prose_bpb": 1.40}, ("start", 0.7): {"dev_bpb": 0.64, "prose_bpb": 1.05},
+              ("start", 0.5): {"dev_bpb": 0.70, "prose_bpb": 1.01}, ("start", 0.3): {"dev_bpb": 0.90, "prose_bpb": 0.99}}
+    assert choose_weight(scores, reference, 0.05)[0] == ("start", 0.7)
+    assert choose_weight(scores, reference, 0.5)[0] == ("start", 1.0)
+    assert choose_weight(scores, reference, 0.0)[0] == ("start", 0.3)
+    weight, why = choose_weight(scores, {"prose_bpb": 0.5}, 0.05)  # none within: the closest
+    assert weight == ("start", 0.3) and "none within" in why
+    # a second anchor whose line keeps the domain better at the same retention wins
+    both = {**scores, ("stage1", 0.7): {"dev_bpb": 0.62, "prose_bpb": 1.04}}
+    assert choose_weight(both, reference, 0.05)[0] == ("stage1", 0.7)
 
 
 def test_unseen_specs_are_checked():
@@ -95,10 +98,12 @@ def test_auto_interpolation_follows_the_rule_and_a_fixed_one_is_the_straight_lin
     auto = train(tiny_gpt2_dir, packed, tmp_path / "auto", korean_dev, english["dev"], "epochs=4", "lr=3e-2",
                  "interpolation=auto")
     chosen = stats(auto)["interpolation"]
-    scores = {float(a): s for a, s in chosen["scores"].items()}
+    assert chosen["anchor"] == "start" and set(chosen["scores"]) == {"start"}  # no stage 1: the start only
+    scores = {float(a): s for a, s in chosen["scores"]["start"].items()}
     tried = sorted(scores, reverse=True)
     assert tried == pytest.approx([1.0 - 0.1 * k for k in range(len(tried))])  # from 1.0 down, in steps of 0.1
-    assert chosen["alpha"] == choose_alpha(scores, chosen["reference"], 0.05)[0]
+    weights = {("start", a): s for a, s in scores.items()}
+    assert (chosen["anchor"], chosen["alpha"]) == choose_weight(weights, chosen["reference"], 0.05)[0]
     kept = [a for a in tried if scores[a]["prose_bpb"] <= chosen["reference"]["prose_bpb"] * 1.05]
     if len(tried) < 10:  # it stopped: the last weight tried is worse on the domain than the best one kept
         assert kept and scores[tried[-1]]["dev_bpb"] > min(scores[a]["dev_bpb"] for a in kept)
@@ -110,7 +115,40 @@ def test_auto_interpolation_follows_the_rule_and_a_fixed_one_is_the_straight_lin
     start, trained, mixed = (load_file(Path(p) / "model.safetensors") for p in (tiny_gpt2_dir, hard, fixed))
     for key, value in mixed.items():
         assert torch.allclose(value, start[key] + 0.25 * (trained[key] - start[key]), atol=1e-5), key
-    assert stats(fixed)["interpolation"] == {"alpha": 0.25, "rule": "fixed (training.interpolation)"}
+    assert stats(fixed)["interpolation"] == {"alpha": 0.25, "anchor": "start", "rule": "fixed (training.interpolation)"}
+
+
+def test_the_stage1_anchor_is_the_start_with_the_rows_stage_1_left(tmp_path, tiny_gpt2_dir, packed, rules_file):
+    """Interpolating towards `stage1` moves the blocks back to the start and the reassigned rows back to where
+    stage 1 (rows only) left them: the same rows a rows-only run of stage 1's steps learns."""
+    def ivr(name: str, *settings: str) -> Path:
+        out = tmp_path / name
+        run(train_command(tiny_gpt2_dir, packed, out, tmp_path / f"{name}_ck", rules_file, "epochs=2", "lr=1e-2",
+                          "stage1_lr=5e-2", *settings))
+        assert not (tmp_path / f"{name}_ck").exists()  # the anchor's rows went with the checkpoints
+        return out
+
+    trained = ivr("trained", "interpolation=1.0")
+    mixed = ivr("mixed", "interpolation=0.5", "interpolation_anchor=stage1")
+    rows_steps = stats(trained)["plan"]["stages"][0]["steps"]
+    tokens = rows_steps * 2 * 32  # stage 1's steps of 2 blocks of 32 tokens, as a rows-only run
+    rows_only = ivr("rows_only", "stage2=none", f"max_tokens={tokens}", "interpolation=1.0")
+    assert stats(rows_only)["optimizer_steps"] == rows_steps
+    start, trained, mixed, rows_only = (load_file(Path(p) / "model.safetensors")
+                                        for p in (tiny_gpt2_dir, trained, mixed, rows_only))
+    assert stats(tmp_path / "mixed")["interpolation"]["anchor"] == "stage1"
+    reassigned = torch.tensor(REASSIGNED)
+    for key, value in mixed.items():
+        anchor = start[key].clone()
+        if key == "transformer.wte.weight":
+            assert not torch.allclose(rows_only[key][reassigned], start[key][reassigned])  # stage 1 moved them
+            anchor[reassigned] = rows_only[key][reassigned]
+        assert torch.allclose(value, anchor + 0.5 * (trained[key] - anchor), atol=1e-5), key
+
+    refused = subprocess.run(train_command(tiny_gpt2_dir, packed, tmp_path / "no", tmp_path / "no_ck", None,
+                                           "interpolation_anchor=stage1"), capture_output=True, text=True)
+    assert refused.returncode != 0 and "interpolation_anchor: stage1 needs a stage 1" in refused.stderr
+    assert not (tmp_path / "no").exists()
 
 
 def validate(tmp: Path, base: Path, sft: Path, heldout: Path, unseen: list[str], training_texts: list[Path]) -> dict:

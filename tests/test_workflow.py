@@ -237,7 +237,8 @@ def test_unseen_texts_are_scored_for_every_model_and_share_no_document_with_any_
         records = [json.loads(l) for l in (workdir / f"results/model/{name}/train_log.jsonl").read_text().splitlines()]
         assert all({"convention_speeches_bpb", "gnome_help_ko_bpb"} <= set(r) for r in records if "dev_bpb" in r)
         interpolation = json.loads((workdir / f"results/model/{name}/training_stats.json").read_text())["interpolation"]
-        assert interpolation["alpha"] in [float(a) for a in interpolation["scores"]]
+        assert interpolation["alpha"] in [float(a) for a in interpolation["scores"][interpolation["anchor"]]]
+        assert set(interpolation["scores"]) == ({"start", "stage1"} if name == "sft" else {"start"})
         assert set(interpolation["reference"]) == {"convention_speeches_bpb"}
     unseen = report["models"]["sft"]["unseen"]["libreoffice_help_ko"]
     assert unseen["tokens_per_byte"] < report["models"]["base"]["unseen"]["libreoffice_help_ko"]["tokens_per_byte"]

@@ -6,9 +6,13 @@ are where training watches retention and where settings are chosen. Each has a l
 base model's main language, where the model must stay within a tolerance of the base) or `domain`
 (the domain's language outside the domain).
 
-Interpolation (WiSE-FT, Wortsman et al. 2022) moves every weight back towards the model training
-started from: start + alpha x (trained - start). Alpha 1 is the trained model. Rows that training held
-are the same in both, so they stay put; the reassigned rows move back towards their initialisation.
+Interpolation (WiSE-FT, Wortsman et al. 2022) moves every weight back towards an anchor: anchor + alpha
+x (trained - anchor). Alpha 1 is the trained model. Two anchors:
+- `start`, the model training started from: the reassigned rows move back towards their initialisation,
+  which the base's blocks read poorly;
+- `stage1`, the start with the reassigned rows as stage 1 (rows only) left them: rows trained for the
+  base's own blocks, so that the line ends at a model that reads the domain's new tokens.
+Rows that training held are the same in the anchor and the trained model, so they stay put.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from ivr.corpus import iter_jsonl_texts
 
 LANGUAGES = ("base", "domain")
 AUTO_ALPHAS = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1)
+ANCHORS = ("start", "stage1")
 
 
 @dataclass(frozen=True)
@@ -92,24 +97,49 @@ def alphas_of(setting) -> tuple[float, ...]:
     return AUTO_ALPHAS if setting == "auto" else (float(setting),)
 
 
+def anchors_of(setting: str, has_stage1: bool) -> tuple[str, ...]:
+    """The anchors to try (training.interpolation_anchor): `auto` is both when a stage 1 (rows only)
+    preceded the last stage, else `start`."""
+    if setting == "auto":
+        return ANCHORS if has_stage1 else ("start",)
+    if setting == "stage1" and not has_stage1:
+        raise UserError("training.interpolation_anchor: stage1 needs a stage 1 (rows only) before the last stage: "
+                        "reassigned rows (--rules), training.stage1_share > 0 and training.stage2 full or lora")
+    return (setting,)
+
+
+def with_rows(start: dict[str, torch.Tensor], keys: list[list[str]], rows: torch.Tensor,
+              values: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The start with `rows` of each embedding matrix set to `values` (keys[i]: every state key of matrix i,
+    tied aliases included); the other tensors are shared with start, not copied."""
+    anchor = dict(start)
+    for names, value in zip(keys, values):
+        for name in names:
+            anchor[name] = start[name].clone()
+            anchor[name][rows] = value.to(start[name].dtype)
+    return anchor
+
+
 def retention_ratio(scores: dict[str, float], reference: dict[str, float]) -> float:
     """The worst ratio, over the base-language dev texts (the keys of reference), of bits per byte to the base's."""
     return max((scores[k] / v for k, v in reference.items()), default=0.0)
 
 
-def choose_alpha(scores: dict[float, dict[str, float]], reference: dict[str, float], tolerance: float) -> tuple[float, str]:
-    """The retention rule: the alpha with the best domain dev bits per byte (`dev_bpb`) among those that keep
-    every base-language dev text (the keys of `reference`, the base model's bits per byte there) within
-    (1 + tolerance) of the base; with none, the alpha that comes closest. Returns it and why.
+def choose_weight(scores: dict[tuple[str, float], dict[str, float]], reference: dict[str, float],
+                  tolerance: float) -> tuple[tuple[str, float], str]:
+    """The retention rule over the weights tried, each an (anchor, alpha): the one with the best domain dev
+    bits per byte (`dev_bpb`) among those that keep every base-language dev text (the keys of `reference`,
+    the base model's bits per byte there) within (1 + tolerance) of the base; with none, the one that comes
+    closest. Ties go to the higher alpha. Returns it and why.
     """
-    def worst(alpha: float) -> float:
-        return retention_ratio(scores[alpha], reference)
+    def worst(weight: tuple[str, float]) -> float:
+        return retention_ratio(scores[weight], reference)
 
-    kept = [a for a in scores if worst(a) <= 1 + tolerance]
+    kept = [w for w in scores if worst(w) <= 1 + tolerance]
     if kept:
-        best = min(kept, key=lambda a: (scores[a]["dev_bpb"], -a))
+        best = min(kept, key=lambda w: (scores[w]["dev_bpb"], -w[1]))
         return best, f"best domain dev among {len(kept)} of {len(scores)} within {tolerance:.0%} of the base"
-    best = min(scores, key=lambda a: (worst(a), -a))
-    log.warning("interpolation: no alpha keeps the base-language dev texts within %.0f%% of the base; "
-                "taking %.2f (worst ratio %.3f)", tolerance * 100, best, worst(best))
+    best = min(scores, key=lambda w: (worst(w), -w[1]))
+    log.warning("interpolation: no weight keeps the base-language dev texts within %.0f%% of the base; "
+                "taking alpha %.2f towards %s (worst ratio %.3f)", tolerance * 100, best[1], best[0], worst(best))
     return best, f"none within {tolerance:.0%} of the base: the closest ({worst(best):.3f}x)"
