@@ -668,3 +668,4 @@ def test_dev_bits_per_byte_in_the_log_equal_the_saved_models(tmp_path, tiny_gpt2
     expected = bits_per_byte(model, tokenizer, korean_texts[:4], 200).bits_per_byte
     assert measured[-1]["dev_bpb"] == pytest.approx(expected, abs=2e-6)
     assert stats(tmp_path / "out")["dev_bpb"] == {"dev_bpb": measured[-1]["dev_bpb"]}
+    assert stats(tmp_path / "out")["wall_clock_s"] > 0  # training time, without the dev measurements

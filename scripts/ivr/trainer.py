@@ -343,15 +343,15 @@ def run_stage(accelerator, stage: Stage, model, dataset: PackedBlocks, stream: n
         record.update(watch.dev.measure(accelerator, accelerator.unwrap_model(prepared.loss_model).lm))
         return time.perf_counter() - began
 
-    evaluating = 0.0  # seconds spent measuring the dev split, kept out of training time and tokens/s
-    if watch and watch.due(0) and progress.step == 0:
+    if watch and watch.due(0) and progress.step == 0:  # before the clock starts, so not training time
         record = {"step": 0, "stage": stage.index, "tokens": 0, **watch.compute(0)}
-        evaluating += measure_dev(record)
+        measure_dev(record)
         checkpoints.append_log(record)
         logger.info(json.dumps(record))
     prepared.loss_model.train()
     batches = iter(prepared.loader)
     started = time.perf_counter()
+    evaluating = 0.0  # seconds spent measuring the dev split since, kept out of training time and tokens/s
     window_start, window_tokens, window_micro = started, 0, 0
     window_loss = torch.zeros((), device=accelerator.device)
     block_tokens = dataset.meta["block_size"]
