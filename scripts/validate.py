@@ -376,6 +376,9 @@ GATE_DEFAULTS = {"general_bpb_tolerance": 0.1, "domain_better_than_initialized":
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    for flag, value in (("--base-model", args.base_model), ("--initialized", args.initialized), ("--sft", args.sft)):
+        if not value:
+            raise UserError(f"{flag} is empty: the report compares the IVR model with the base and the initialized model")
     gates = {**GATE_DEFAULTS, **args.gates}
     domain = read_texts(args.heldout, args.max_documents)
     if not domain:

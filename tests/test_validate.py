@@ -19,10 +19,10 @@ BYTES = 200
 GPU_RUN = ROOT / "docs" / "evidence" / "default_run"  # real fidelity and compression reports
 
 
-def validate(tmp: Path, models: Path, heldout: Path, general: Path) -> subprocess.CompletedProcess:
+def validate(tmp: Path, models: Path, heldout: Path, general: Path, base: str | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "validate.py"), "--heldout", str(heldout), "--general-heldout",
-         str(general), "--base-model", str(models), "--initialized", str(models), "--sft", str(models),
+         str(general), "--base-model", str(models) if base is None else base, "--initialized", str(models), "--sft", str(models),
          "--control", str(models), "--fidelity", str(GPU_RUN / "fidelity.json"),
          "--compression", str(GPU_RUN / "compression.json"), "--max-documents", "4", "--byte-budget", str(BYTES),
          "--batch-size", "4", "--prompts", "2", "--new-tokens", "4", "--device", "cpu",
@@ -103,3 +103,9 @@ def test_an_empty_heldout_split_is_one_line(tmp_path, tiny_gpt2_dir, texts):
     result = validate(tmp_path, tiny_gpt2_dir, empty, texts["general"])
     assert result.returncode == 2 and result.stderr == f"error: {empty}: the held-out split is empty or missing\n"
     assert not (tmp_path / "report").exists()
+
+
+def test_an_empty_base_model_is_one_line(tmp_path, tiny_gpt2_dir, texts):
+    result = validate(tmp_path, tiny_gpt2_dir, texts["heldout"], texts["general"], base="")
+    assert result.returncode == 2 and result.stderr.startswith("error: --base-model is empty")
+    assert len(result.stderr.splitlines()) == 1 and not (tmp_path / "report").exists()
