@@ -15,7 +15,7 @@ from pathlib import Path
 
 from ivr.base_bpe import split_merge
 from ivr.cli import UserError, first_line
-from ivr.gguf_vocab import CONTROL, NORMAL, PRE_TOKENIZERS, UNUSED, USER_DEFINED
+from ivr.gguf_vocab import CONTROL, NORMAL, PRE_TOKENIZERS, UNUSED, USER_DEFINED, read_fields
 
 # Hugging Face Llama weight name (inside model.layers.N.) -> llama.cpp tensor name (inside blk.N.).
 LAYER_TENSORS = {
@@ -229,6 +229,16 @@ def ftype(name: str) -> int:
     return value
 
 
+def gguf_type(path: Path) -> str:
+    """The type a GGUF file records (general.file_type), by llama.cpp's name: Q4_1, F16, ..."""
+    from gguf import LlamaFileType
+
+    value = read_fields(path, prefix="general.file_type").get("general.file_type")
+    if value is None:
+        raise UserError(f"{path}: records no type (general.file_type)")
+    return LlamaFileType(value).name.removeprefix("MOSTLY_").removeprefix("ALL_")
+
+
 def quantize(source: Path, out: Path, name: str, threads: int) -> None:
     """llama.cpp's quantiser, source (F16) -> out in the named type."""
     import llama_cpp
@@ -240,10 +250,29 @@ def quantize(source: Path, out: Path, name: str, threads: int) -> None:
         raise UserError(f"{source}: llama.cpp could not quantise it to {name}")
 
 
+_LLAMA_ERRORS: list[str] = []  # what llama.cpp logged as errors while loading, for the one line
+
+
+def _keep_errors():
+    """Route llama.cpp's log to _LLAMA_ERRORS (errors only), once; the callback must stay referenced."""
+    import llama_cpp
+
+    global _keep_errors_callback
+    if "_keep_errors_callback" not in globals():
+        @llama_cpp.llama_log_callback
+        def _keep_errors_callback(level: int, text: bytes, user_data) -> None:
+            if level == 4:  # GGML_LOG_LEVEL_ERROR
+                _LLAMA_ERRORS.append(text.decode("utf-8", "replace").strip().split(": ")[-1])
+
+        llama_cpp.llama_log_set(_keep_errors_callback, None)
+
+
 def open_gguf(path: Path, vocab_only: bool = False, n_ctx: int = 512, threads: int = 2):
     """The GGUF loaded by llama.cpp (llama_cpp.Llama), or one line saying why it cannot be."""
     from llama_cpp import Llama
 
+    _keep_errors()
+    _LLAMA_ERRORS.clear()
     if not path.is_file():
         raise UserError(f"{path}: GGUF file does not exist")
     with open(path, "rb") as handle:
@@ -253,7 +282,8 @@ def open_gguf(path: Path, vocab_only: bool = False, n_ctx: int = 512, threads: i
         return Llama(str(path), vocab_only=vocab_only, n_ctx=n_ctx, n_batch=n_ctx, n_threads=threads,
                      n_threads_batch=threads, logits_all=not vocab_only, verbose=False)
     except (ValueError, RuntimeError) as err:
-        raise UserError(f"{path}: llama.cpp cannot load it ({first_line(err)})") from None
+        reason = next((e for e in _LLAMA_ERRORS if e), first_line(err))
+        raise UserError(f"{path}: llama.cpp cannot load it ({reason[:200]})") from None
 
 
 def llama_ids(llm, text: str) -> list[int]:
