@@ -80,7 +80,7 @@ def export(model: Path, outs: list[tuple[str, str]], checks: list[tuple[str, str
         if prompts and texts:
             prompt_ids = [tokenizer(doc, add_special_tokens=False)["input_ids"][:prompt_tokens]
                           for docs in texts.values() for doc in docs[:prompts]]
-            llm = open_gguf(f16, n_ctx=prompt_tokens + new_tokens + 8, threads=threads)
+            llm = open_gguf(f16, n_ctx=prompt_tokens + new_tokens + 8, threads=threads, logits_all=True)
             result["f16"] = compare_logits(llm, load_causal_lm(model, dtype="float32"), prompt_ids, new_tokens)
             del llm
         log.info("checked in llama.cpp: %s", json.dumps(result))

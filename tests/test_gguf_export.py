@@ -158,12 +158,29 @@ def test_a_unigram_tokenizer_is_refused_in_one_line(tmp_path, gpt2_unigram_stand
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
 
-def test_a_damaged_gguf_is_refused_in_one_line(exported, tmp_path):
+def test_a_damaged_gguf_is_refused_in_one_line(exported, tmp_path, gpt2_bills_analysis):
     cut = tmp_path / "cut short.gguf"
     data = (exported / "model.F16.gguf").read_bytes()
     cut.write_bytes(data[: len(data) // 2])  # a download cut short: the header reads, the tensors do not
     result = subprocess.run([sys.executable, str(ROOT / "bench" / "gguf_speed.py"), "--ivr", str(cut),
-                             "--base", str(exported / "model.gguf"), "--prompts", str(exported / "check.json")],
+                             "--base", str(exported / "model.F16.gguf"), "--texts", str(gpt2_bills_analysis["heldout"])],
                             capture_output=True, text=True)
     line = one_error_line(result)
     assert line.startswith(f"error: {cut}: llama.cpp cannot load it (") and "corrupted or incomplete" in line
+
+
+def test_speed_bench_compares_same_type_files(exported, ivr_model, tmp_path, gpt2_bills_analysis):
+    """bench/gguf_speed.py on the tiny IVR model against itself: both figures and ratios, one run."""
+    result = subprocess.run([sys.executable, str(ROOT / "bench" / "gguf_speed.py"), "--ivr", str(exported / "model.gguf"),
+                             "--base", str(exported / "model.gguf"), "--texts", str(gpt2_bills_analysis["heldout"]),
+                             "--prompts", "2", "--prompt-bytes", "200", "--new-tokens", "8", "--json", str(tmp_path / "speed.json")],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    print(result.stdout)
+    figures = json.loads((tmp_path / "speed.json").read_text())
+    assert figures["models"]["ivr"]["type"] == "Q4_1" and figures["models"]["ivr"]["generation_bytes_per_second"] > 0
+    assert "IVR / base: prompt processing" in result.stdout and "2 threads" in figures["conditions"]
+    mixed = subprocess.run([sys.executable, str(ROOT / "bench" / "gguf_speed.py"), "--ivr", str(exported / "model.gguf"),
+                            "--base", str(exported / "model.F16.gguf"), "--texts", str(gpt2_bills_analysis["heldout"])],
+                           capture_output=True, text=True)
+    assert one_error_line(mixed).endswith("compare GGUFs of the same type")

@@ -267,8 +267,9 @@ def _keep_errors():
         llama_cpp.llama_log_set(_keep_errors_callback, None)
 
 
-def open_gguf(path: Path, vocab_only: bool = False, n_ctx: int = 512, threads: int = 2):
-    """The GGUF loaded by llama.cpp (llama_cpp.Llama), or one line saying why it cannot be."""
+def open_gguf(path: Path, vocab_only: bool = False, n_ctx: int = 512, threads: int = 2, logits_all: bool = False):
+    """The GGUF loaded by llama.cpp (llama_cpp.Llama), or one line saying why it cannot be; logits_all keeps
+    the logits of every position (llm.scores), else only of the last."""
     from llama_cpp import Llama
 
     _keep_errors()
@@ -280,7 +281,7 @@ def open_gguf(path: Path, vocab_only: bool = False, n_ctx: int = 512, threads: i
             raise UserError(f"{path}: not a GGUF file (bad magic number)")
     try:
         return Llama(str(path), vocab_only=vocab_only, n_ctx=n_ctx, n_batch=n_ctx, n_threads=threads,
-                     n_threads_batch=threads, logits_all=not vocab_only, verbose=False)
+                     n_threads_batch=threads, logits_all=logits_all, verbose=False)
     except (ValueError, RuntimeError) as err:
         reason = next((e for e in _LLAMA_ERRORS if e), first_line(err))
         raise UserError(f"{path}: llama.cpp cannot load it ({reason[:200]})") from None
