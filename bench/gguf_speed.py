@@ -3,8 +3,8 @@
 
 On the first --prompts domain documents, each cut to --prompt-bytes of UTF-8 (at a character boundary),
 each model (1) processes the prompt in one batch from an empty cache, then (2) generates exactly
---new-tokens tokens greedily (end-of-generation tokens suppressed, as scripts/validate.py measures in
-transformers). Prints both as bytes of text per second (prompt bytes; bytes of the generated tokens'
+--new-tokens tokens greedily, end-of-generation and other control tokens suppressed (the base model,
+given Korean text, otherwise repeats <|im_start|>, which is no text). Prints both as bytes of text per second (prompt bytes; bytes of the generated tokens'
 text) and the ratios IVR / base, measured in the same run, once, after one warm-up per model.
 
     python bench/gguf_speed.py --ivr results/final_model.gguf \\
@@ -40,44 +40,65 @@ def prompts_of(path: Path, count: int, size: int) -> list[str]:
     return out
 
 
-def measure(path: Path, prompts: list[str], new_tokens: int, threads: int) -> dict:
-    """Prompt processing and greedy generation of one GGUF over every prompt, in bytes per second."""
-    import llama_cpp
-    import numpy as np
+class Runner:
+    """One GGUF in llama.cpp: a prompt processed in one batch from an empty cache, then greedy tokens."""
 
-    llm = open_gguf(path, n_ctx=max(len(p.encode("utf-8")) for p in prompts) + new_tokens + 16, threads=threads)
-    banned = [t for t in range(llm.n_vocab()) if llama_cpp.llama_vocab_is_eog(llm._model.vocab, t)]
+    def __init__(self, path: Path, prompts: list[str], new_tokens: int, threads: int):
+        import llama_cpp
 
-    def run(ids: list[int]) -> tuple[float, float, bytes]:
+        n_ctx = max(len(p.encode("utf-8")) for p in prompts) + new_tokens + 16  # byte-level BPE: ids <= bytes
+        self.path, self.new_tokens = path, new_tokens
+        self.llm = open_gguf(path, n_ctx=n_ctx, threads=threads)
+        vocab = self.llm._model.vocab
+        self.banned = [t for t in range(self.llm.n_vocab())
+                       if llama_cpp.llama_vocab_is_eog(vocab, t) or llama_cpp.llama_vocab_is_control(vocab, t)]
+        self.totals = dict.fromkeys(("prompt_bytes", "prompt_tokens", "prompt_seconds", "generated_bytes",
+                                     "generated_tokens", "generation_seconds"), 0)
+
+    def run(self, prompt: str) -> dict:
+        import numpy as np
+
+        llm, ids = self.llm, llama_ids(self.llm, prompt)
         llm.reset()
         start = time.perf_counter()
         llm.eval(ids)
         prompt_seconds = time.perf_counter() - start
         generated = []
         start = time.perf_counter()
-        for _ in range(new_tokens):
+        for _ in range(self.new_tokens):
             logits = llm.scores[llm.n_tokens - 1].copy()
-            logits[banned] = -np.inf
+            logits[self.banned] = -np.inf
             generated.append(int(np.argmax(logits)))
             llm.eval([generated[-1]])
-        return prompt_seconds, time.perf_counter() - start, llm.detokenize(generated)
+        generation_seconds = time.perf_counter() - start
+        return {"prompt_bytes": len(prompt.encode("utf-8")), "prompt_tokens": len(ids), "prompt_seconds": prompt_seconds,
+                "generated_bytes": len(llm.detokenize(generated)), "generated_tokens": len(generated),
+                "generation_seconds": generation_seconds}
 
-    run(llama_ids(llm, prompts[0])[:16])  # warm-up
-    prompt_bytes = prompt_seconds = generated_bytes = generation_seconds = prompt_tokens = 0
-    for prompt in prompts:
-        ids = llama_ids(llm, prompt)
-        seconds, generating, text = run(ids)
-        prompt_bytes += len(prompt.encode("utf-8"))
-        prompt_tokens += len(ids)
-        prompt_seconds += seconds
-        generated_bytes += len(text)
-        generation_seconds += generating
-    return {
-        "file": str(path), "type": gguf_type(path), "prompt_tokens_per_byte": prompt_tokens / prompt_bytes,
-        "prompt_bytes_per_second": prompt_bytes / prompt_seconds,
-        "generated_bytes_per_token": generated_bytes / (new_tokens * len(prompts)),
-        "generation_bytes_per_second": generated_bytes / generation_seconds,
-    }
+    def add(self, run: dict) -> None:
+        for key, value in run.items():
+            self.totals[key] += value
+
+    def figures(self) -> dict:
+        t = self.totals
+        return {"file": str(self.path), "type": gguf_type(self.path), "prompt_tokens_per_byte": t["prompt_tokens"] / t["prompt_bytes"],
+                "prompt_bytes_per_second": t["prompt_bytes"] / t["prompt_seconds"],
+                "generated_bytes_per_token": t["generated_bytes"] / t["generated_tokens"],
+                "generation_bytes_per_second": t["generated_bytes"] / t["generation_seconds"]}
+
+
+def measure(paths: dict[str, Path], prompts: list[str], new_tokens: int, threads: int) -> dict:
+    """Each model on every prompt after one warm-up run, one model loaded at a time (a second model's
+    idle threads would compete with the first's for the cores)."""
+    figures = {}
+    for name, path in paths.items():
+        runner = Runner(path, prompts, new_tokens, threads)
+        runner.run(prompts[0])
+        for prompt in prompts:
+            runner.add(runner.run(prompt))
+        figures[name] = runner.figures()
+        runner.llm.close()
+    return figures
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -101,11 +122,11 @@ def main(argv: list[str] | None = None) -> None:
     if types["ivr"] != types["base"]:
         raise UserError(f"{args.ivr} is {types['ivr']} but {args.base} is {types['base']}: compare GGUFs of the same type")
     prompts = prompts_of(args.texts, args.prompts, args.prompt_bytes)
-    results = {name: measure(path, prompts, args.new_tokens, args.threads) for name, path in (("base", args.base), ("ivr", args.ivr))}
+    results = measure({"base": args.base, "ivr": args.ivr}, prompts, args.new_tokens, args.threads)
     ratios = {key: results["ivr"][key] / results["base"][key] for key in ("prompt_bytes_per_second", "generation_bytes_per_second")}
     conditions = (f"llama.cpp (llama-cpp-python {llama_cpp.__version__}) on CPU ({platform.processor() or platform.machine()}), "
                   f"{args.threads} threads, batch 1; {len(prompts)} prompts of up to {args.prompt_bytes} bytes from {args.texts}; "
-                  f"{args.new_tokens} greedy tokens each (end of generation suppressed); one run after one warm-up")
+                  f"{args.new_tokens} greedy tokens each (control tokens suppressed); one run after one warm-up")
     print(conditions)
     print(f"{'':14} {'type':>6} {'prompt tok/B':>12} {'prompt B/s':>12} {'gen B/token':>12} {'gen B/s':>10}")
     for name, r in results.items():
