@@ -158,6 +158,18 @@ def test_a_unigram_tokenizer_is_refused_in_one_line(tmp_path, gpt2_unigram_stand
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
 
+def test_an_added_token_that_strips_spaces_is_refused(tmp_path, gpt2_tokenizer_dir):
+    """llama.cpp matches added tokens exactly: one that takes the spaces beside it would tokenize differently."""
+    model = tiny_llama(tmp_path / "lstrip model", gpt2_tokenizer_dir, 50257)
+    spec = json.loads((model / "tokenizer.json").read_text(encoding="utf-8"))
+    spec["added_tokens"][0]["lstrip"] = True
+    (model / "tokenizer.json").write_text(json.dumps(spec), encoding="utf-8")
+    line = one_error_line(export(model, tmp_path / "out"))
+    assert line.endswith("added token '<|endoftext|>' takes spaces beside it or whole words only (lstrip, rstrip or "
+                         "single_word), which llama.cpp does not do")
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
 def test_a_damaged_gguf_is_refused_in_one_line(exported, tmp_path, gpt2_bills_analysis):
     cut = tmp_path / "cut short.gguf"
     data = (exported / "model.F16.gguf").read_bytes()

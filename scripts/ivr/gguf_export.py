@@ -81,6 +81,10 @@ def tokenizer_fields(folder: Path, n_rows: int) -> dict:
     if model.get("continuing_subword_prefix") or model.get("end_of_word_suffix"):
         raise UserError(f"{where}: a BPE with subword prefixes or suffixes has no llama.cpp equivalent")
     pre = pre_tokenizer_name(spec, where)
+    for added in spec.get("added_tokens", []):
+        if any(added.get(key) for key in ("lstrip", "rstrip", "single_word")):
+            raise UserError(f"{where}: added token {added['content']!r} takes spaces beside it or whole words only "
+                            "(lstrip, rstrip or single_word), which llama.cpp does not do")
 
     tokens: list[str | None] = [None] * n_rows
     types = [NORMAL] * n_rows
