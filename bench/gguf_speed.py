@@ -118,7 +118,9 @@ def main(argv: list[str] | None = None) -> None:
     import llama_cpp
 
     args = parse_args(argv)
-    types = {name: gguf_type(path) for name, path in (("ivr", args.ivr), ("base", args.base)) if open_gguf(path, vocab_only=True)}
+    for path in (args.ivr, args.base):
+        open_gguf(path, vocab_only=True)  # a file llama.cpp cannot load is refused before anything is timed
+    types = {"ivr": gguf_type(args.ivr), "base": gguf_type(args.base)}
     if types["ivr"] != types["base"]:
         raise UserError(f"{args.ivr} is {types['ivr']} but {args.base} is {types['base']}: compare GGUFs of the same type")
     prompts = prompts_of(args.texts, args.prompts, args.prompt_bytes)
