@@ -24,6 +24,7 @@ include: "rules/pack_data.smk"
 include: "rules/train_sft.smk"
 include: "rules/validate.smk"
 include: "rules/finalize_model.smk"
+include: "rules/export_gguf.smk"
 
 
 rule all:

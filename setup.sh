@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # Set up everything the workflow and its tests need on a fresh Debian/Ubuntu machine:
-# system tools (graphviz for the DAG picture, chromium for the report test, Slurm for the cluster
-# test, when run as root), then a virtual environment .venv with the pinned requirements.
+# system tools (graphviz for the DAG picture, a C++ compiler and cmake to build llama-cpp-python,
+# chromium for the report test, Slurm for the cluster test, when run as root), then a virtual
+# environment .venv with the pinned requirements.
 # Usage: bash setup.sh            (then: .venv/bin/snakemake --cores all)
 # On a GPU machine, first install a CUDA build of requirements.txt's torch into .venv
 # (python3 -m venv .venv && .venv/bin/pip install torch==<that version>): DeepSpeed is built against it.
 set -euo pipefail
 cd "$(dirname "$0")"
 
-packages=(graphviz)
+packages=(graphviz g++ cmake)
 [[ "${IVR_SETUP_TEST_TOOLS:-0}" == 1 ]] && packages+=(chromium slurmctld slurmd slurm-client munge)
 missing=()
 for pkg in "${packages[@]}"; do dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg"); done
@@ -18,7 +19,7 @@ if ((${#missing[@]})); then
     apt-get update -qq
     apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
   else
-    echo "setup: please install ${missing[*]} (needed for the DAG picture and some tests)" >&2
+    echo "setup: please install ${missing[*]} (needed for the DAG picture, llama-cpp-python and some tests)" >&2
   fi
 fi
 
@@ -27,8 +28,9 @@ if [[ ! -x .venv/bin/python ]]; then
   "$python" -m venv .venv
 fi
 pip=(.venv/bin/python -m pip install -q --disable-pip-version-check)
-# Everything but DeepSpeed first; DeepSpeed (an sdist) is then built against the torch just installed,
-# with no ops compiled ahead (they are built when first needed), as requirements.txt says.
-"${pip[@]}" -r <(grep -v '^deepspeed==' requirements.txt)
+# Everything but DeepSpeed first (llama-cpp-python built for any AVX2 CPU, not just this one, as
+# requirements.txt says); DeepSpeed (an sdist) is then built against the torch just installed, with no
+# ops compiled ahead (they are built when first needed).
+CMAKE_ARGS="${CMAKE_ARGS:--DGGML_NATIVE=OFF}" "${pip[@]}" -r <(grep -v '^deepspeed==' requirements.txt)
 DS_BUILD_OPS=0 "${pip[@]}" --no-build-isolation "$(grep '^deepspeed==' requirements.txt)"
 echo "setup: ready (.venv/bin/snakemake, .venv/bin/python -m pytest)"

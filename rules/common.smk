@@ -385,3 +385,31 @@ def final_model_checksummed_inputs():
     if Path(config["base_model"]).exists():
         paths.append(config["base_model"])
     return paths
+
+
+# ---- the GGUF export (rules/export_gguf.smk) ----
+def gguf_outputs():
+    """{results/final_model.gguf: the first of export.types, results/final_model.<TYPE>.gguf: each other}."""
+    types = config["export"]["types"]
+    base_is_gguf = config["base_model"].endswith(".gguf")
+    if types is None:
+        types = ["base", "F16"] if base_is_gguf else ["F16"]
+    if "base" in types and not base_is_gguf:
+        sys.exit(
+            "error: export.types names 'base', the type of the base model's GGUF, but base_model "
+            f"({config['base_model']}) is not a .gguf file"
+        )
+    return {
+        ("results/final_model.gguf" if i == 0 else f"results/final_model.{t}.gguf"): t
+        for i, t in enumerate(types)
+    }
+
+
+def export_args(wildcards, input, output):
+    """The export's --out TYPE=PATH, --base-gguf and --check NAME=PATH arguments."""
+    args = [a for path, t in gguf_outputs().items() for a in ("--out", f"{t}={path}")]
+    if "base" in gguf_outputs().values():
+        args += ["--base-gguf", config["base_model"]]
+    for name, path in zip(("domain", "general"), input.checks):
+        args += ["--check", f"{name}={path}"]
+    return " ".join(shlex.quote(str(a)) for a in args)

@@ -101,8 +101,8 @@ _SCALARS = {0: ("<B", 1), 1: ("<b", 1), 2: ("<H", 2), 3: ("<h", 2), 4: ("<I", 4)
 _STRING, _ARRAY = 8, 9
 
 
-def read_fields(path: Path) -> dict:
-    """The tokenizer.* keys of a GGUF file (version 2 or 3): strings, numbers, and lists of either.
+def read_fields(path: Path, prefix: str = "tokenizer.") -> dict:
+    """The keys of a GGUF file (version 2 or 3) under prefix: strings, numbers, and lists of either.
 
     Read directly from the header: the gguf package's reader takes seconds per large vocabulary.
     """
@@ -148,7 +148,7 @@ def read_fields(path: Path) -> dict:
             (kind,) = struct.unpack_from("<I", data, pos)
             pos += 4
             found = value(kind)
-            if key.startswith("tokenizer."):
+            if key.startswith(prefix):
                 out[key] = found
     except (struct.error, KeyError, ValueError, UnicodeDecodeError) as err:
         raise UserError(f"{path}: cannot read the GGUF file's keys ({type(err).__name__}: {str(err)[:200]})") from None
