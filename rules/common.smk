@@ -297,7 +297,8 @@ def branch_settings(wildcards):
         settings.update(
             {key: value for key, value in control.items() if value is not None}
         )
-        settings["interpolation_anchor"] = "start"  # the base: the control has no stage 1
+        # the base: the control has no stage 1
+        settings["interpolation_anchor"] = "start"
     return json.dumps(settings, sort_keys=True)
 
 
