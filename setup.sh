@@ -28,9 +28,11 @@ if [[ ! -x .venv/bin/python ]]; then
   "$python" -m venv .venv
 fi
 pip=(.venv/bin/python -m pip install -q --disable-pip-version-check)
-# Everything but DeepSpeed first (llama-cpp-python built for any AVX2 CPU, not just this one, as
-# requirements.txt says); DeepSpeed (an sdist) is then built against the torch just installed, with no
-# ops compiled ahead (they are built when first needed).
-CMAKE_ARGS="${CMAKE_ARGS:--DGGML_NATIVE=OFF}" "${pip[@]}" -r <(grep -v '^deepspeed==' requirements.txt)
+# Everything but the two sdists first. llama-cpp-python is built for any AVX2 CPU, not just this one, as
+# requirements.txt says, and without pip's wheel cache, which would hand back a build made with other
+# CMAKE_ARGS; DeepSpeed is then built against the torch just installed, with no ops compiled ahead (they
+# are built when first needed).
+"${pip[@]}" -r <(grep -v -e '^deepspeed==' -e '^llama-cpp-python==' requirements.txt)
+CMAKE_ARGS="${CMAKE_ARGS:--DGGML_NATIVE=OFF}" "${pip[@]}" --no-cache-dir "$(grep '^llama-cpp-python==' requirements.txt)"
 DS_BUILD_OPS=0 "${pip[@]}" --no-build-isolation "$(grep '^deepspeed==' requirements.txt)"
 echo "setup: ready (.venv/bin/snakemake, .venv/bin/python -m pytest)"

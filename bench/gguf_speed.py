@@ -4,8 +4,9 @@
 On the first --prompts domain documents, each cut to --prompt-bytes of UTF-8 (at a character boundary),
 each model (1) processes the prompt in one batch from an empty cache, then (2) generates exactly
 --new-tokens tokens greedily, end-of-generation and other control tokens suppressed (the base model,
-given Korean text, otherwise repeats <|im_start|>, which is no text). Prints both as bytes of text per second (prompt bytes; bytes of the generated tokens'
-text) and the ratios IVR / base, measured in the same run, once, after one warm-up per model.
+given Korean text, otherwise repeats <|im_start|>, which is no text). Prints both as bytes of text per
+second (prompt bytes; bytes of the generated tokens' text) and the ratios IVR / base, measured in the same
+run, once, after one warm-up per model; --json also gets each model's continuation of the first prompt.
 
     python bench/gguf_speed.py --ivr results/final_model.gguf \\
         --base resources/assets/smollm2_gguf/SmolLM2-135M-Instruct.Q4_1.gguf \\
@@ -47,15 +48,17 @@ class Runner:
         import llama_cpp
 
         n_ctx = max(len(p.encode("utf-8")) for p in prompts) + new_tokens + 16  # byte-level BPE: ids <= bytes
-        self.path, self.new_tokens = path, new_tokens
+        self.path, self.new_tokens, self.prompts = path, new_tokens, prompts
         self.llm = open_gguf(path, n_ctx=n_ctx, threads=threads)
         vocab = self.llm._model.vocab
         self.banned = [t for t in range(self.llm.n_vocab())
                        if llama_cpp.llama_vocab_is_eog(vocab, t) or llama_cpp.llama_vocab_is_control(vocab, t)]
+        self.continuations: list[list[int]] = []  # the greedy ids after each prompt run
         self.totals = dict.fromkeys(("prompt_bytes", "prompt_tokens", "prompt_seconds", "generated_bytes",
                                      "generated_tokens", "generation_seconds"), 0)
 
     def run(self, prompt: str) -> dict:
+        import llama_cpp
         import numpy as np
 
         llm, ids = self.llm, llama_ids(self.llm, prompt)
@@ -66,11 +69,13 @@ class Runner:
         generated = []
         start = time.perf_counter()
         for _ in range(self.new_tokens):
-            logits = llm.scores[llm.n_tokens - 1].copy()
+            # the context's last logits: llm.scores holds them only when every position's are kept
+            logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(llm.n_vocab(),)).copy()
             logits[self.banned] = -np.inf
             generated.append(int(np.argmax(logits)))
             llm.eval([generated[-1]])
         generation_seconds = time.perf_counter() - start
+        self.continuations.append(generated)
         return {"prompt_bytes": len(prompt.encode("utf-8")), "prompt_tokens": len(ids), "prompt_seconds": prompt_seconds,
                 "generated_bytes": len(llm.detokenize(generated)), "generated_tokens": len(generated),
                 "generation_seconds": generation_seconds}
@@ -84,7 +89,10 @@ class Runner:
         return {"file": str(self.path), "type": gguf_type(self.path), "prompt_tokens_per_byte": t["prompt_tokens"] / t["prompt_bytes"],
                 "prompt_bytes_per_second": t["prompt_bytes"] / t["prompt_seconds"],
                 "generated_bytes_per_token": t["generated_bytes"] / t["generated_tokens"],
-                "generation_bytes_per_second": t["generated_bytes"] / t["generation_seconds"]}
+                "generation_bytes_per_second": t["generated_bytes"] / t["generation_seconds"],
+                "first_continuation": {"ids": self.continuations[-len(self.prompts)],
+                                       "text": self.llm.detokenize(self.continuations[-len(self.prompts)])
+                                       .decode("utf-8", "replace")}}
 
 
 def measure(paths: dict[str, Path], prompts: list[str], new_tokens: int, threads: int) -> dict:

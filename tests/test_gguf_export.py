@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from conftest import ROOT, asset
+from ivr.corpus import iter_jsonl_texts
 from ivr.gguf_vocab import CONTROL, PRE_TOKENIZERS, gguf_tokenizer, read_fields
 from test_gguf_vocabs import vocab
 
@@ -192,6 +193,24 @@ def test_speed_bench_compares_same_type_files(exported, ivr_model, tmp_path, gpt
     figures = json.loads((tmp_path / "speed.json").read_text())
     assert figures["models"]["ivr"]["type"] == "Q4_1" and figures["models"]["ivr"]["generation_bytes_per_second"] > 0
     assert "IVR / base: prompt processing" in result.stdout and "2 threads" in figures["conditions"]
+    # the timed generation is the model's own greedy continuation, as llama.cpp's kept logits give it
+    import llama_cpp
+    import numpy as np
+    from ivr.gguf_export import llama_ids, open_gguf
+
+    llm = open_gguf(exported / "model.gguf", n_ctx=512, logits_all=True)
+    vocab = llm._model.vocab
+    banned = [t for t in range(llm.n_vocab())
+              if llama_cpp.llama_vocab_is_eog(vocab, t) or llama_cpp.llama_vocab_is_control(vocab, t)]
+    prompt = next(iter_jsonl_texts(gpt2_bills_analysis["heldout"])).encode("utf-8")[:200].decode("utf-8", "ignore")
+    llm.eval(llama_ids(llm, prompt))
+    expected = []
+    for _ in range(8):
+        logits = np.array(llm.scores[llm.n_tokens - 1])
+        logits[banned] = -np.inf
+        expected.append(int(np.argmax(logits)))
+        llm.eval([expected[-1]])
+    assert figures["models"]["ivr"]["first_continuation"]["ids"] == expected
     mixed = subprocess.run([sys.executable, str(ROOT / "bench" / "gguf_speed.py"), "--ivr", str(exported / "model.gguf"),
                             "--base", str(exported / "model.F16.gguf"), "--texts", str(gpt2_bills_analysis["heldout"])],
                            capture_output=True, text=True)
