@@ -44,6 +44,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 from ivr.config import read_configs  # noqa: E402
 from ivr.retention import retention_ratio, unseen_spec  # noqa: E402
+from ivr.train_settings import branch_settings  # noqa: E402
 
 GRID = (3e-4, 6e-4, 1.2e-3, 2.4e-3)
 
@@ -85,12 +86,7 @@ def pack_reduced(config: dict, share: float, out: Path) -> dict[str, Path]:
 
 def trial_command(config: dict, branch: str, name: str, overrides: dict, data: dict[str, Path], out: Path,
                   eval_bytes: int, micro_batch: int) -> list[str]:
-    settings = dict(config["training"])
-    control = {key: settings.pop(f"control_{key}") for key in ("lr", "interpolation")}
-    if branch == "control":
-        settings.pop("budget")
-        settings.update({key: value for key, value in control.items() if value is not None})
-        settings["interpolation_anchor"] = "start"  # the base: the control has no stage 1
+    settings = branch_settings(config["training"], branch)
     settings.update(overrides)
     global_batch = settings["micro_batch_size"] * settings["gradient_accumulation"]
     if micro_batch and global_batch % micro_batch == 0:  # the same global batch in less memory

@@ -10,6 +10,7 @@ from ivr.cli import UserError  # noqa: E402
 from ivr.config import check_input_paths, validate_config  # noqa: E402
 from ivr.files import asset_folder as fetched_folder  # noqa: E402
 from ivr.retention import unseen_spec  # noqa: E402
+from ivr import train_settings  # noqa: E402
 
 # Config sources, lowest precedence first (--configfile files override the Snakefile's, --config
 # overrides both), so that an error names the one whose value is in effect.
@@ -287,18 +288,10 @@ def train_args(wildcards, input):
 
 
 def branch_settings(wildcards):
-    """The training settings of a branch, holding only what that branch uses (so that changing the
-    IVR budget does not rerun the control, nor the control's learning rate the IVR model).
-    """
-    settings = dict(config["training"])
-    control = {key: settings.pop(f"control_{key}") for key in ("lr", "interpolation")}
-    if trained_branch(wildcards) == "control":
-        settings.pop("budget")
-        settings.update(
-            {key: value for key, value in control.items() if value is not None}
-        )
-        # the base: the control has no stage 1
-        settings["interpolation_anchor"] = "start"
+    """The training settings of a branch (ivr.train_settings.branch_settings), as JSON."""
+    settings = train_settings.branch_settings(
+        config["training"], trained_branch(wildcards)
+    )
     return json.dumps(settings, sort_keys=True)
 
 

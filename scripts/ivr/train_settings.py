@@ -51,3 +51,15 @@ def read_settings_arg(value: str | None) -> dict:
             raise UserError(f"--settings: not valid JSON ({err.msg})") from None
     data = read_yaml(value, "settings file") or {}
     return data.get("training", data) if isinstance(data, dict) else {}
+
+
+def branch_settings(training: dict, branch: str) -> dict:
+    """The training settings of one branch (ivr or control), holding only what that branch uses, so that
+    changing the IVR budget does not rerun the control, nor the control's learning rate the IVR model."""
+    settings = dict(training)
+    control = {key: settings.pop(f"control_{key}") for key in ("lr", "interpolation")}
+    if branch == "control":
+        settings.pop("budget")
+        settings.update({key: value for key, value in control.items() if value is not None})
+        settings["interpolation_anchor"] = "start"  # the base: the control has no stage 1
+    return settings
