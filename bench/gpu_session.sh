@@ -27,8 +27,14 @@
 #                          compile_scope and cuda_graphs stay as the configs set them
 #   IVR_SESSION_TUNE=0     no tuning (the configs carry the settings chosen on the dev split)
 #   IVR_SESSION_DEEPSPEED=0  no DeepSpeed check (install then checks no DeepSpeed either)
-#   IVR_SESSION_EXTRAS     which of equal_compute and one_pass follow the default run (both unless set);
-#                          "" or none: neither
+#   IVR_SESSION_EXTRAS     what follows the default run (equal_compute one_pass unless set; "" or none:
+#                          nothing): equal_compute, one_pass (the IVR model again at the control's compute
+#                          or after one pass, with a report); unigram (the IVR model with ivr.backend
+#                          unigram, trained in a copy of the work tree, its CPU stages beside the default
+#                          run); train:KEY=VALUE[,KEY=VALUE...] (the IVR model with training settings changed); gguf
+#                          (the trained IVR model as GGUF files, checked and timed in llama.cpp against the
+#                          base GGUF on two cores, IVR_SESSION_GGUF_CPUS). unigram, train: and gguf run side by side, after the
+#                          default run's report, and write only training stats and JSON figures
 #   IVR_SESSION_CONFIGS    the configs (config/gpu.yaml); a CPU rehearsal: see docs/DEVELOPING.md
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
@@ -42,6 +48,8 @@ read -r -a CONFIGS <<<"${IVR_SESSION_CONFIGS:-config/gpu.yaml}"
 BENCH=${IVR_SESSION_BENCH-}
 EXTRAS=${IVR_SESSION_EXTRAS-equal_compute one_pass}
 DEEPSPEED=${IVR_SESSION_DEEPSPEED:-1}
+SIDE_CPUS=${IVR_SESSION_SIDE_CPUS:-8-15} # the unigram run's CPU stages, beside the default run
+GGUF_CPUS=${IVR_SESSION_GGUF_CPUS:-0,1}  # the GGUF export and llama.cpp's timing: two cores, as on a small machine
 CALL_MIB=${IVR_SESSION_CALL_MIB:-60} # what one device call may carry, under its limit of 64 MiB
 # targets first: --configfile takes several values and would swallow a target written after it
 SNAKE_OPTS=(--cores "${IVR_SESSION_CORES:-12}" --resources gpu=1 --scheduler greedy --configfile "${CONFIGS[@]}")
@@ -70,7 +78,7 @@ needed_assets() { # the asset folders (resources/assets/NAME) the configured run
 }
 
 pack() {
-  local assets tree=0 whl=0 part sha count call carry command mib
+  local assets tree=0 whl=0 first part sha count call carry command mib
   assets=$(needed_assets) || return 1
   read -r -d '' -a assets <<<"$assets"
   ((${#assets[@]})) || { echo "error: Snakemake listed no assets for ${CONFIGS[*]}" >&2; return 1; }
@@ -82,9 +90,11 @@ pack() {
   sha=$(sha256sum .devcarry/all/assets.tgz | cut -d' ' -f1)
   tree=$(git ls-files -z -co --exclude-standard | du -cb --files0-from=- 2>/dev/null | tail -n 1 | cut -f1)
   [[ -d .whl ]] && whl=$(du -sbL .whl | cut -f1)
-  part=$((CALL_MIB * 1048576 - tree - whl))
-  ((part > 1048576)) || { echo "error: the work tree and .whl leave no room in a call of $CALL_MIB MiB" >&2; return 1; }
-  split -b "$part" -d -a 2 .devcarry/all/assets.tgz .devcarry/all/assets.tgz.part.
+  # the first part travels with .whl, the others with the work tree only
+  first=$((CALL_MIB * 1048576 - tree - whl)) part=$((CALL_MIB * 1048576 - tree))
+  ((first > 1048576)) || { echo "error: the work tree and .whl leave no room in a call of $CALL_MIB MiB" >&2; return 1; }
+  head -c "$first" .devcarry/all/assets.tgz >.devcarry/all/assets.tgz.part.00
+  tail -c +$((first + 1)) .devcarry/all/assets.tgz | split -b "$part" -d -a 2 --numeric-suffixes=1 - .devcarry/all/assets.tgz.part.
   rm .devcarry/all/assets.tgz
   count=0
   for file in .devcarry/all/assets.tgz.part.*; do
@@ -111,6 +121,7 @@ stash() {
 
 install() {
   local modules=(torch transformers accelerate snakemake jsonschema gguf tensorboard)
+  [[ " $EXTRAS " == *" gguf "* ]] && modules+=(llama_cpp)
   [[ $DEEPSPEED == 1 ]] && modules+=(deepspeed)
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
@@ -144,8 +155,8 @@ unpack() { # the carried assets into resources/assets, once, checked against pac
 check_settings() {
   local extra assets missing=()
   for extra in $EXTRAS; do
-    case $extra in equal_compute | one_pass | none) ;; *)
-      echo "error: IVR_SESSION_EXTRAS: unknown run '$extra' (equal_compute, one_pass, none)" >&2
+    case $extra in equal_compute | one_pass | unigram | gguf | none | train:?*=?*) ;; *)
+      echo "error: IVR_SESSION_EXTRAS: unknown run '$extra' (equal_compute, one_pass, unigram, train:KEY=VALUE, gguf, none)" >&2
       return 1
       ;;
     esac
@@ -192,38 +203,99 @@ base_model() { # the base model's folder, as the workflow converts a GGUF
     'resources/models/' + c['base_model'].rsplit('/', 1)[-1].removesuffix('.gguf'))"
 }
 
-extra_run() { # extra_run NAME SETTING: the IVR model again with one setting changed, and its report
-  local name=$1 setting=$2 settings base unseen_dev=() unseen=()
+extra_train() { # extra_train NAME KEY=VALUE[,KEY=VALUE...]: the IVR model again with training settings changed
+  local name=$1 setting=$2 settings base unseen_dev=()
   base=$(base_model) || return 1
-  # three lines: the settings (JSON), then the unseen dev and report texts as train_sft's and validate's arguments
+  # two lines: the settings (JSON), then the unseen dev texts as train_sft's arguments
   mapfile -t lines < <("$PY" - "$setting" "${CONFIGS[@]}" "${CHOSEN[@]}" <<'PY'
 import json, sys
+import yaml
 sys.path.insert(0, "scripts")
 from ivr.config import read_configs
 from ivr.retention import unseen_spec
 config = read_configs(sys.argv[2:])
 training = config["training"]
 training.pop("control_lr"), training.pop("control_interpolation")
-key, value = sys.argv[1].split("=")
-training[key] = value if value == "one_pass" else float(value)
+for setting in sys.argv[1].split(","):
+    key, value = setting.split("=", 1)
+    if key not in training:
+        sys.exit(f"error: training.{key} is no training setting")
+    training[key] = yaml.safe_load(value)
 print(json.dumps(training))
 print(" ".join(unseen_spec(t) for t in config["unseen_texts"]["dev"]))
-print(" ".join(unseen_spec(t) for t in config["unseen_texts"]["report"]))
 PY
-) && ((${#lines[@]} == 3)) || return 1
+) && ((${#lines[@]} == 2)) || return 1
   settings=${lines[0]}
   for spec in ${lines[1]}; do unseen_dev+=(--unseen-dev "$spec"); done
-  for spec in ${lines[2]}; do unseen+=(--unseen "$spec"); done
   "$PY" scripts/train_sft.py --model results/model/initialized --data results/data/ivr --dev results/corpus/domain/dev.jsonl \
     --general-dev results/corpus/general/dev.jsonl --rules results/remap/remap_rules.yaml "${unseen_dev[@]}" \
     --reference-model "$base" --compute-reference results/data/control --settings "$settings" --threads 8 \
-    --checkpoint-dir "results/checkpoints/$name" --out "results/extra/$name" &&
-    "$PY" scripts/validate.py --heldout results/corpus/domain/heldout.jsonl --general-heldout results/corpus/general/heldout.jsonl \
-      --compression results/remap/compression.json --fidelity results/tokenizer/fidelity.json "${unseen[@]}" \
-      --base-model "$base" --initialized results/model/initialized \
-      --sft "results/extra/$name" --control results/model/control --max-documents 300 --byte-budget 2000 \
-      --batch-size 32 --prompts 5 --prompt-bytes 120 --new-tokens 64 \
-      --out-json "results/extra/$name.validation.json" --out-html "results/extra/$name.validation.html"
+    --checkpoint-dir "results/checkpoints/$name" --out "results/extra/$name"
+}
+
+extra_run() { # extra_run NAME KEY=VALUE: extra_train, then the report of that model
+  local name=$1 base unseen=()
+  extra_train "$@" || return 1
+  base=$(base_model) || return 1
+  for spec in $(cfg "' '.join(__import__('ivr.retention').retention.unseen_spec(t) for t in c['unseen_texts']['report'])"); do
+    unseen+=(--unseen "$spec")
+  done
+  "$PY" scripts/validate.py --heldout results/corpus/domain/heldout.jsonl --general-heldout results/corpus/general/heldout.jsonl \
+    --compression results/remap/compression.json --fidelity results/tokenizer/fidelity.json "${unseen[@]}" \
+    --base-model "$base" --initialized results/model/initialized \
+    --sft "results/extra/$name" --control results/model/control --max-documents 300 --byte-budget 2000 \
+    --batch-size 32 --prompts 5 --prompt-bytes 120 --new-tokens 64 \
+    --out-json "results/extra/$name.validation.json" --out-html "results/extra/$name.validation.html"
+}
+
+UNIGRAM=$STATE/unigram # the work tree's copy for the ivr.backend unigram run
+unigram_cpu() { # the copy, sharing the assets and the base model's folder, with the default run's corpus,
+  # analysis and control data (whose rules read no ivr setting), then its own CPU stages
+  rm -rf "$UNIGRAM" && mkdir -p "$UNIGRAM/results/data" "$UNIGRAM/.snakemake" || return 1
+  local entry
+  for entry in * .[!.]*; do
+    case $entry in results | resources | logs | benchmarks | .snakemake | .devcarry | .whl | .git) ;; *) cp -a "$entry" "$UNIGRAM/" ;; esac
+  done
+  ln -s "$PWD/resources" "$UNIGRAM/resources"
+  cp -a results/corpus results/analysis "$UNIGRAM/results/" && cp -a results/data/control "$UNIGRAM/results/data/" &&
+    cp -a .snakemake/metadata "$UNIGRAM/.snakemake/" || return 1
+  printf 'ivr:\n  backend: unigram\n' >"$UNIGRAM/unigram.yaml"
+  # beside the default run (SNAKE_OPTS without its --cores N); the rules' script paths differ in the copy,
+  # so only missing or older outputs count
+  (cd "$UNIGRAM" && taskset -c "$SIDE_CPUS" "$PY" -m snakemake "${CPU_TARGETS[@]}" --rerun-triggers mtime \
+    --cores "$(taskset -c "$SIDE_CPUS" nproc)" "${SNAKE_OPTS[@]:2}" unigram.yaml)
+}
+
+unigram_train() { # the copy's IVR model with the session's settings; its stats and tables into results/extra/unigram
+  # the default run's control too: the IVR model's rule waits for it (training.serial)
+  mkdir -p "$UNIGRAM/results/model" && cp -a results/model/control "$UNIGRAM/results/model/" || return 1
+  [[ -d results/tuning ]] && cp -a results/tuning "$UNIGRAM/results/"
+  (cd "$UNIGRAM" && "$PY" -m snakemake results/model/sft --rerun-triggers mtime "${SNAKE_OPTS[@]}" "${CHOSEN[@]}" unigram.yaml) ||
+    return 1
+  mkdir -p results/extra/unigram
+  cp "$UNIGRAM"/results/model/sft/{training_stats.json,train_log.jsonl} "$UNIGRAM"/results/remap/compression.json \
+    "$UNIGRAM"/results/tokenizer/fidelity.json results/extra/unigram/
+}
+
+GGUF_DIR=results/extra/gguf
+trained_ivr() { # the trained IVR model: the final model if the gates let it be written, else the SFT checkpoint
+  if [[ -d results/final_model ]]; then echo results/final_model; else echo results/model/sft; fi
+}
+
+gguf_export() { # the trained IVR model as GGUF (the base GGUF's type and F16), checked in llama.cpp
+  local model base_gguf
+  model=$(trained_ivr) base_gguf=$(cfg "c['base_model']")
+  [[ $base_gguf == *.gguf ]] || { echo "error: base_model $base_gguf is no GGUF: nothing to time the export against" >&2; return 1; }
+  mkdir -p "$GGUF_DIR"
+  say "gguf: exporting $model"
+  taskset -c "$GGUF_CPUS" "$PY" scripts/export_gguf.py --model "$model" --out "base=$GGUF_DIR/ivr.gguf" --out "F16=$GGUF_DIR/ivr.F16.gguf" \
+    --base-gguf "$base_gguf" --check domain=results/corpus/domain/heldout.jsonl \
+    --check general=results/corpus/general/heldout.jsonl --threads 2 --report "$GGUF_DIR/gguf_check.json"
+}
+
+gguf_speed() { # after everything else: nothing else runs beside it
+  taskset -c "$GGUF_CPUS" "$PY" bench/gguf_speed.py --ivr "$GGUF_DIR/ivr.gguf" --base "$(cfg "c['base_model']")" \
+    --texts results/corpus/domain/heldout.jsonl --threads 2 --json "$GGUF_DIR/gguf_speed.json"
 }
 
 override() { # override KEY VALUE WHY: training.KEY set in results/tuning/compile.yaml, passed after the configs
@@ -293,8 +365,14 @@ orchestrate() {
     wait "$bench"
   fi
   choose_compile_scope
+  local deepspeed= unigram= after=()
+  if [[ " $EXTRAS " == *" unigram "* ]]; then
+    stage unigram_cpu unigram_cpu &
+    unigram=$!
+  fi
   if [[ $DEEPSPEED == 1 ]]; then
     PYTHON="$PY" OUT="$STATE/deepspeed" stage deepspeed_check bash bench/deepspeed_check.sh &
+    deepspeed=$!
   fi
   if [[ ${IVR_SESSION_TUNE:-1} == 1 ]]; then
     if ! tune; then
@@ -307,7 +385,7 @@ orchestrate() {
     fi
     CHOSEN=(results/tuning/chosen.yaml)
   fi
-  wait
+  [[ -n $deepspeed ]] && wait "$deepspeed"
   if ! stage default_run "$PY" -m snakemake results/final_model "${SNAKE_OPTS[@]}" "${CHOSEN[@]}"; then
     # only a failed training is retried: a failed gate or report is the run's result, not a graphs fault
     grep -q "Error in rule train_sft" "$STATE/default_run.log" || return 1
@@ -317,12 +395,25 @@ orchestrate() {
     override cuda_graphs false "failed in the default run (see default_run_graphs.log)"
     stage default_run "$PY" -m snakemake results/final_model "${SNAKE_OPTS[@]}" "${CHOSEN[@]}" || return 1
   fi
+  [[ -n $unigram ]] && wait "$unigram"
+  # side by side: the GPU shared by the extra trainings, cores 0-1 for the GGUF export
   for extra in $EXTRAS; do
     case $extra in
-    equal_compute) stage equal_compute extra_run equal_compute budget=1.0 ;;
-    one_pass) stage one_pass extra_run one_pass budget=one_pass ;;
+    unigram) [[ -f $STATE/unigram_cpu.done ]] && { stage unigram_train unigram_train & after+=($!); } ;;
+    train:*) stage "${extra//[:=,]/_}" extra_train "${extra//[:=,]/_}" "${extra#train:}" & after+=($!) ;;
+    gguf) stage gguf_export gguf_export & after+=($!) ;;
     esac
   done
+  local failed=0 pid
+  for pid in "${after[@]}"; do wait "$pid" || failed=1; done
+  [[ " $EXTRAS " == *" gguf "* && -f $STATE/gguf_export.done ]] && { stage gguf_speed gguf_speed || failed=1; }
+  for extra in $EXTRAS; do
+    case $extra in
+    equal_compute) stage equal_compute extra_run equal_compute budget=1.0 || failed=1 ;;
+    one_pass) stage one_pass extra_run one_pass budget=one_pass || failed=1 ;;
+    esac
+  done
+  return $failed
 }
 
 status() {
@@ -352,7 +443,7 @@ status) status ;;
 collect)
   tar czf "$OUT/session.tar.gz" --ignore-failed-read --exclude=./parts -C "$STATE" . -C "$PWD" results/report \
     results/tuning/trials.jsonl results/tuning/ablation.md results/tuning/chosen.yaml results/tuning/compile.yaml \
-    results/tuning/runs results/extra/*.json results/extra/*.html \
+    results/tuning/runs results/extra/*.json results/extra/*.html results/extra/*/*.json results/report/gguf_check.json \
     results/model/sft/train_log.jsonl results/model/sft/training_stats.json results/model/control/train_log.jsonl \
     results/model/control/training_stats.json results/extra/*/train_log.jsonl results/extra/*/training_stats.json \
     results/remap/compression.json results/tokenizer/fidelity.json results/analysis/corpus_stats.json \
