@@ -33,8 +33,9 @@
 #                          unigram, trained in a copy of the work tree, its CPU stages beside the default
 #                          run); train:KEY=VALUE[,KEY=VALUE...] (the IVR model with training settings changed); gguf
 #                          (the trained IVR model as GGUF files, checked and timed in llama.cpp against the
-#                          base GGUF on two cores, IVR_SESSION_GGUF_CPUS). unigram, train: and gguf run side by side, after the
-#                          default run's report, and write only training stats and JSON figures
+#                          base GGUF on two cores, IVR_SESSION_GGUF_CPUS). unigram, train: (on the cores of
+#                          IVR_SESSION_TRAIN_CPUS) and gguf run side by side after the default run's report,
+#                          and write only training stats and JSON figures
 #   IVR_SESSION_CONFIGS    the configs (config/gpu.yaml); a CPU rehearsal: see docs/DEVELOPING.md
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
@@ -50,6 +51,7 @@ EXTRAS=${IVR_SESSION_EXTRAS-equal_compute one_pass}
 DEEPSPEED=${IVR_SESSION_DEEPSPEED:-1}
 SIDE_CPUS=${IVR_SESSION_SIDE_CPUS:-8-15} # the unigram run's CPU stages, beside the default run
 GGUF_CPUS=${IVR_SESSION_GGUF_CPUS:-0,1}  # the GGUF export and llama.cpp's timing: two cores, as on a small machine
+TRAIN_CPUS=${IVR_SESSION_TRAIN_CPUS:-2-15} # the extra trainings, beside them
 CALL_MIB=${IVR_SESSION_CALL_MIB:-60} # what one device call may carry, under its limit of 64 MiB
 # targets first: --configfile takes several values and would swallow a target written after it
 SNAKE_OPTS=(--cores "${IVR_SESSION_CORES:-12}" --resources gpu=1 --scheduler greedy --configfile "${CONFIGS[@]}")
@@ -227,7 +229,7 @@ PY
 ) && ((${#lines[@]} == 2)) || return 1
   settings=${lines[0]}
   for spec in ${lines[1]}; do unseen_dev+=(--unseen-dev "$spec"); done
-  "$PY" scripts/train_sft.py --model results/model/initialized --data results/data/ivr --dev results/corpus/domain/dev.jsonl \
+  taskset -c "$TRAIN_CPUS" "$PY" scripts/train_sft.py --model results/model/initialized --data results/data/ivr --dev results/corpus/domain/dev.jsonl \
     --general-dev results/corpus/general/dev.jsonl --rules results/remap/remap_rules.yaml "${unseen_dev[@]}" \
     --reference-model "$base" --compute-reference results/data/control --settings "$settings" --threads 8 \
     --checkpoint-dir "results/checkpoints/$name" --out "results/extra/$name"
@@ -270,7 +272,8 @@ unigram_train() { # the copy's IVR model with the session's settings; its stats 
   # the default run's control too: the IVR model's rule waits for it (training.serial)
   mkdir -p "$UNIGRAM/results/model" && cp -a results/model/control "$UNIGRAM/results/model/" || return 1
   [[ -d results/tuning ]] && cp -a results/tuning "$UNIGRAM/results/"
-  (cd "$UNIGRAM" && "$PY" -m snakemake results/model/sft --rerun-triggers mtime "${SNAKE_OPTS[@]}" "${CHOSEN[@]}" unigram.yaml) ||
+  (cd "$UNIGRAM" && taskset -c "$TRAIN_CPUS" "$PY" -m snakemake results/model/sft --rerun-triggers mtime "${SNAKE_OPTS[@]}" \
+    "${CHOSEN[@]}" unigram.yaml) ||
     return 1
   mkdir -p results/extra/unigram
   cp "$UNIGRAM"/results/model/sft/{training_stats.json,train_log.jsonl} "$UNIGRAM"/results/remap/compression.json \
@@ -401,12 +404,11 @@ orchestrate() {
     case $extra in
     unigram) [[ -f $STATE/unigram_cpu.done ]] && { stage unigram_train unigram_train & after+=($!); } ;;
     train:*) stage "${extra//[:=,]/_}" extra_train "${extra//[:=,]/_}" "${extra#train:}" & after+=($!) ;;
-    gguf) stage gguf_export gguf_export & after+=($!) ;;
+    gguf) { stage gguf_export gguf_export && stage gguf_speed gguf_speed; } & after+=($!) ;;
     esac
   done
   local failed=0 pid
   for pid in "${after[@]}"; do wait "$pid" || failed=1; done
-  [[ " $EXTRAS " == *" gguf "* && -f $STATE/gguf_export.done ]] && { stage gguf_speed gguf_speed || failed=1; }
   for extra in $EXTRAS; do
     case $extra in
     equal_compute) stage equal_compute extra_run equal_compute budget=1.0 || failed=1 ;;
