@@ -186,13 +186,18 @@ def test_speed_bench_compares_same_type_files(exported, ivr_model, tmp_path, gpt
     """bench/gguf_speed.py on the tiny IVR model against itself: both figures and ratios, one run."""
     result = subprocess.run([sys.executable, str(ROOT / "bench" / "gguf_speed.py"), "--ivr", str(exported / "model.gguf"),
                              "--base", str(exported / "model.gguf"), "--texts", str(gpt2_bills_analysis["heldout"]),
-                             "--prompts", "2", "--prompt-bytes", "200", "--new-tokens", "8", "--json", str(tmp_path / "speed.json")],
+                             "--prompts", "2", "--prompt-bytes", "200", "--new-tokens", "8", "--continuation-bytes", "120",
+                             "--json", str(tmp_path / "speed.json")],
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
     print(result.stdout)
     figures = json.loads((tmp_path / "speed.json").read_text())
     assert figures["models"]["ivr"]["type"] == "Q4_1" and figures["models"]["ivr"]["generation_bytes_per_second"] > 0
-    assert "IVR / base: prompt processing" in result.stdout and "2 threads" in figures["conditions"]
+    assert "IVR / base, bytes of text per second: prompt processing" in result.stdout and "2 threads" in figures["conditions"]
+    # both sides decode the same continuation text: with one file on both, its tokens per byte are alike
+    ivr, base = figures["models"]["ivr"], figures["models"]["base"]
+    assert ivr["continuation_tokens_per_byte"] == base["continuation_tokens_per_byte"] > 0
+    assert ivr["continuation_bytes_per_second"] > 0 and figures["ratios"]["continuation_bytes_per_second"] > 0
     # the timed generation is the model's own greedy continuation, as llama.cpp's kept logits give it
     import llama_cpp
     import numpy as np
