@@ -66,6 +66,7 @@ def ivr_model(tmp_path_factory, gpt2_bills_analysis) -> Path:
     model = tiny_llama(folder / "final_model", tokenizer, 50257)
     config = json.loads((model / "tokenizer_config.json").read_text())
     (model / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": CHAT_TEMPLATE}))
+    (model / "PROVENANCE.json").write_text(json.dumps({"base_model": {"name": "tiny-llama", "licence": "Apache-2.0"}}))
     return model
 
 
@@ -111,6 +112,8 @@ def test_new_tokens_and_the_special_token_carry_over(exported, ivr_model, korean
     assert fields["tokenizer.ggml.merges"] == [m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]]
     assert fields["tokenizer.ggml.tokens"][special] == "<ToW>" and fields["tokenizer.ggml.token_type"][special] == CONTROL
     assert fields["tokenizer.ggml.eos_token_id"] == tokenizer.eos_token_id and not fields["tokenizer.ggml.add_bos_token"]
+    general = read_fields(exported / "model.gguf", prefix="general.")  # from PROVENANCE.json
+    assert general["general.name"] == "tiny-llama-IVR" and general["general.license"] == "Apache-2.0"
 
 
 def test_f16_logits_within_tolerance_and_greedy_tokens_agree(exported):

@@ -167,7 +167,11 @@ def write_f16(folder: Path, out: Path) -> None:
     rope = config.get("rope_parameters") or {}
 
     writer = gguf.GGUFWriter(str(out), "llama")
-    writer.add_name(folder.name)
+    # the name and licence llama.cpp and ollama show: the base model's, from finalize_model's provenance
+    base = (json.loads((folder / "PROVENANCE.json").read_text()) if (folder / "PROVENANCE.json").exists() else {}).get("base_model", {})
+    writer.add_name(f"{base['name']}-IVR" if base.get("name") else folder.name)
+    if base.get("licence"):
+        writer.add_license(base["licence"])
     writer.add_file_type(gguf.LlamaFileType.MOSTLY_F16)
     writer.add_vocab_size(embedding.shape[0])
     writer.add_context_length(config["max_position_embeddings"])
