@@ -5,7 +5,7 @@ For each --scales value N, a corpus of N copies of the default domain corpus (th
 propose_reason column, resources/assets/korean_bills/bill_texts.parquet, as config/config.yaml reads it)
 is written as one Parquet file with that column. Copy 0 is the real text. Copy k >= 1 is a seeded
 relabelling of it: each Hangul syllable that occurs in the bills is, with probability --substitution
-(0.1), replaced everywhere in that copy by a syllable drawn by its frequency in the bills (a table seeded
+(0.08), replaced everywhere in that copy by a syllable drawn by its frequency in the bills (a table seeded
 by --seed and k, applied with str.translate). Everything else stays the bills': word lengths,
 punctuation, numbers, Latin and Hanja, and which words repeat. A word holding a replaced syllable becomes
 a new word, the others stay, so distinct pre-tokens grow less than linearly, as they do in more real
@@ -21,10 +21,13 @@ model converted from its GGUF once and shared by every scale, outside the timing
 to results/model/initialized, results/data/ivr/meta.json and results/data/control/meta.json (config/
 config.yaml, the corpus path overridden by an extra config file). Every stage's wall time and peak RSS
 come from its rule's benchmark file (benchmarks/*.tsv: s, max_rss). Printed, and with --json written:
-per stage, time and peak RSS at each scale and the exponent of time against size (the least-squares
-slope of log time on log corpus bytes over the scales run, all measured in this run); the corpus's text
-bytes, documents kept by ingest and distinct pre-tokens per scale. With 2 cores Snakemake may run two
-one-thread jobs at once (the two ingests, the two packs), so their times include sharing the cores.
+per stage, wall time and peak RSS at each scale and the exponent of time against size (the least-squares
+slope of log time on log corpus bytes over the scales run, all measured in this run), and the same
+exponent of its CPU time (user + system, which other work on the machine disturbs less); the corpus's text
+bytes, documents kept by ingest and distinct pre-tokens per scale. On 2 cores Snakemake runs one-thread
+jobs two at once (the two ingests; remap_tokenizer beside reorder_embeddings), so their times include
+sharing the cores. Stages that start by loading a tokenizer or the model have a fixed cost, which lowers
+their exponent over small scales.
 
     nice python bench/scale_cpu_stages.py --scales 1 4 --json scale_cpu_stages.json
 """
@@ -130,7 +133,7 @@ def snakemake(workdir: Path, targets: list[str], config: Path, cores: int) -> fl
 
 
 def stage_figures(benchmarks: Path) -> dict[str, dict]:
-    """{stage: {s, max_rss_mib}} from each rule's benchmark file, in the order the stages finished; the
+    """{stage: {s, cpu_s, max_rss_mib}} from each rule's benchmark file, in the order the stages finished; the
     stage is the file's path under benchmarks/ (rule, and the wildcard where the rule has one)."""
     figures = {}
     for path in sorted(benchmarks.rglob("*.tsv"), key=lambda p: p.stat().st_mtime):
@@ -139,7 +142,7 @@ def stage_figures(benchmarks: Path) -> dict[str, dict]:
             continue
         header, row = path.read_text().splitlines()[:2]
         values = dict(zip(header.split("\t"), row.split("\t")))
-        figures[stage] = {"s": float(values["s"]), "max_rss_mib": float(values["max_rss"])}
+        figures[stage] = {"s": float(values["s"]), "cpu_s": float(values["cpu_time"]), "max_rss_mib": float(values["max_rss"])}
     return figures
 
 
@@ -169,8 +172,8 @@ def quarter_pretokens(workdir: Path, tokenizer: str, seed: int, out: Path) -> di
 
 
 def slope(sizes: list[float], values: list[float]) -> float | None:
-    """Least-squares slope of log value on log size; None with fewer than two sizes."""
-    if len(sizes) < 2:
+    """Least-squares slope of log value on log size; None with fewer than two sizes or a value of 0."""
+    if len(sizes) < 2 or min(values) <= 0:
         return None
     xs, ys = [math.log(s) for s in sizes], [math.log(v) for v in values]
     mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
@@ -212,7 +215,8 @@ def summarize(runs: list[dict]) -> dict:
     exponents = {s: slope(sizes, [r["stages"][s]["s"] for r in runs]) for s in stages if all(s in r["stages"] for r in runs)}
     exponents["all stages"] = slope(sizes, [sum(f["s"] for f in r["stages"].values()) for r in runs])
     exponents["snakemake wall"] = slope(sizes, [r["snakemake_wall_s"] for r in runs])
-    summary = {"time_exponents": exponents, "distinct_pretokens_exponent": slope(sizes, [r["distinct_pretokens"] for r in runs])}
+    cpu = {s: slope(sizes, [r["stages"][s]["cpu_s"] for r in runs]) for s in exponents if s in stages}
+    summary = {"time_exponents": exponents, "cpu_time_exponents": cpu, "distinct_pretokens_exponent": slope(sizes, [r["distinct_pretokens"] for r in runs])}
     one = next((r for r in runs if "real_quarter" in r), None)
     if one:  # the real bills, from a quarter of the 1x training split to all of it
         quarter = one["real_quarter"]
@@ -222,16 +226,16 @@ def summarize(runs: list[dict]) -> dict:
 
 
 def print_table(runs: list[dict], summary: dict) -> None:
-    def row(name: str, cells: list[tuple[str, str]], exponent: float | None = None) -> str:
-        end = f"{exponent:>10.2f}" if exponent is not None else ""
+    def row(name: str, cells: list[tuple[str, str]], *exponents: float | None) -> str:
+        end = "".join(f"{e:>10.2f}" if e is not None else f"{'':>10}" for e in exponents)
         return f"{name:<24}" + "".join(f"{a:>10}{b:>10}" for a, b in cells) + end
 
     exponents = summary["time_exponents"]
-    print(row("stage", [(f"{r['scale']}x s", f"{r['scale']}x MiB") for r in runs]) + f"{'exponent':>10}")
+    print(row("stage", [(f"{r['scale']}x s", f"{r['scale']}x MiB") for r in runs]) + f"{'exponent':>10}{'cpu exp.':>10}")
     for stage, exponent in exponents.items():
         if stage not in ("all stages", "snakemake wall"):
             print(row(stage, [(f"{r['stages'][stage]['s']:.1f}", f"{r['stages'][stage]['max_rss_mib']:.0f}") for r in runs],
-                      exponent))
+                      exponent, summary["cpu_time_exponents"][stage]))
     print(row("all stages (sum; max)", [(f"{sum(f['s'] for f in r['stages'].values()):.1f}",
                                          f"{max(f['max_rss_mib'] for f in r['stages'].values()):.0f}") for r in runs],
               exponents["all stages"]))
@@ -247,7 +251,7 @@ def print_table(runs: list[dict], summary: dict) -> None:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--scales", type=int, nargs="+", default=[1, 4, 16], help="corpus sizes, in copies of the bills")
-    parser.add_argument("--substitution", type=float, default=0.1, help="probability that a syllable is replaced in a copy")
+    parser.add_argument("--substitution", type=float, default=0.08, help="probability that a syllable is replaced in a copy")
     parser.add_argument("--seed", type=int, default=1234)
     parser.add_argument("--cores", type=int, default=2)
     parser.add_argument("--source", type=Path, default=ROOT / "resources/assets/korean_bills/bill_texts.parquet")
