@@ -19,8 +19,11 @@ quarter to 1x is, if anything, above the one from 1x to 4x.
 Each scale runs in a fresh copy of the workflow (its tracked files, the fetched assets shared, the base
 model converted from its GGUF once and shared by every scale, outside the timing): `snakemake --cores 2`
 to results/model/initialized, results/data/ivr/meta.json and results/data/control/meta.json (config/
-config.yaml, the corpus path overridden by an extra config file). Every stage's wall time and peak RSS
-come from its rule's benchmark file (benchmarks/*.tsv: s, max_rss). Printed, and with --json written:
+config.yaml, the corpus path overridden by an extra config file). Every stage's wall and CPU time come
+from its rule's benchmark file (benchmarks/*.tsv: s, cpu_time); its peak RSS is sampled here every 0.2 s
+(the summed RSS of the job's processes, known by their output going to its log), as Snakemake's
+benchmark samples every 30 s after a job's first 15 s and misses the peaks of longer jobs (its max_rss
+is in the JSON too). Printed, and with --json written:
 per stage, wall time and peak RSS at each scale and the exponent of time against size (the least-squares
 slope of log time on log corpus bytes over the scales run, all measured in this run), and the same
 exponent of its CPU time (user + system, which other work on the machine disturbs less); the corpus's text
@@ -44,6 +47,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -120,21 +124,57 @@ def copy_workflow(dest: Path, models: Path) -> None:
     (dest / "resources" / "models").symlink_to(models)
 
 
-def snakemake(workdir: Path, targets: list[str], config: Path, cores: int) -> float:
-    """Wall seconds of one Snakemake run in workdir; its output goes to workdir/snakemake.log."""
+class PeakRss(threading.Thread):
+    """Peak RSS of each job, sampled every 0.2 s: the summed RSS of the processes under `pid` whose output
+    goes to the job's log, logs/<stage>.log (Snakemake's benchmark samples every 30 s after a job's first
+    15 s, so it misses the peaks of longer jobs)."""
+
+    def __init__(self, pid: int, logs: Path):
+        super().__init__(daemon=True)
+        self.pid, self.logs, self.peaks, self.done = pid, str(logs) + os.sep, {}, threading.Event()
+
+    def run(self) -> None:
+        import psutil
+
+        while not self.done.wait(0.2):
+            try:
+                procs = psutil.Process(self.pid).children(recursive=True)
+            except psutil.NoSuchProcess:
+                return
+            now: Counter = Counter()
+            for proc in procs:
+                try:
+                    out = os.readlink(f"/proc/{proc.pid}/fd/1")
+                    if out.startswith(self.logs) and out.endswith(".log"):
+                        now[out[len(self.logs) : -len(".log")]] += proc.memory_info().rss
+                except (OSError, psutil.Error):  # gone in between
+                    continue
+            for stage, rss in now.items():
+                self.peaks[stage] = max(self.peaks.get(stage, 0), rss)
+
+
+def snakemake(workdir: Path, targets: list[str], config: Path, cores: int) -> tuple[float, dict[str, int]]:
+    """Wall seconds of one Snakemake run in workdir and each job's peak RSS (bytes); its output goes to
+    workdir/snakemake.log."""
     start = time.perf_counter()
     with open(workdir / "snakemake.log", "a") as log:
-        done = subprocess.run([sys.executable, "-m", "snakemake", *targets, "--cores", str(cores), "--configfile",
-                               str(config)], cwd=workdir, stdout=log, stderr=subprocess.STDOUT,
-                              env={**os.environ, "IVR_NO_PROGRESS": "1"})
-    if done.returncode:
-        raise UserError(f"snakemake failed in {workdir} (exit {done.returncode}): see {workdir / 'snakemake.log'}")
-    return time.perf_counter() - start
+        run = subprocess.Popen([sys.executable, "-m", "snakemake", *targets, "--cores", str(cores), "--configfile",
+                                str(config)], cwd=workdir, stdout=log, stderr=subprocess.STDOUT,
+                               env={**os.environ, "IVR_NO_PROGRESS": "1"})
+        sampler = PeakRss(run.pid, (workdir / "logs").resolve())
+        sampler.start()
+        code = run.wait()
+        sampler.done.set()
+        sampler.join()
+    if code:
+        raise UserError(f"snakemake failed in {workdir} (exit {code}): see {workdir / 'snakemake.log'}")
+    return time.perf_counter() - start, sampler.peaks
 
 
-def stage_figures(benchmarks: Path) -> dict[str, dict]:
-    """{stage: {s, cpu_s, max_rss_mib}} from each rule's benchmark file, in the order the stages finished; the
-    stage is the file's path under benchmarks/ (rule, and the wildcard where the rule has one)."""
+def stage_figures(benchmarks: Path, peaks: dict[str, int]) -> dict[str, dict]:
+    """{stage: {s, cpu_s, max_rss_mib, peak_rss_mib}} from each rule's benchmark file and the sampled
+    peaks, in the order the stages finished; the stage is the file's path under benchmarks/ (rule, and
+    the wildcard where the rule has one), as it is under logs/."""
     figures = {}
     for path in sorted(benchmarks.rglob("*.tsv"), key=lambda p: p.stat().st_mtime):
         stage = path.relative_to(benchmarks).with_suffix("").as_posix()
@@ -142,7 +182,8 @@ def stage_figures(benchmarks: Path) -> dict[str, dict]:
             continue
         header, row = path.read_text().splitlines()[:2]
         values = dict(zip(header.split("\t"), row.split("\t")))
-        figures[stage] = {"s": float(values["s"]), "cpu_s": float(values["cpu_time"]), "max_rss_mib": float(values["max_rss"])}
+        figures[stage] = {"s": float(values["s"]), "cpu_s": float(values["cpu_time"]), "max_rss_mib": float(values["max_rss"]),
+                          "peak_rss_mib": peaks.get(stage, 0) / 2**20}
     return figures
 
 
@@ -188,7 +229,7 @@ def measure_scale(scale: int, args, scratch: Path, models: Path, model_folder: s
     config = workdir / "scale.yaml"
     config.write_text(json.dumps({"corpus": {"paths": [str(scratch / f"bills_{scale}x.parquet")]}}))
     snakemake(workdir, [model_folder], config, args.cores)  # once for all scales, then found there
-    wall = snakemake(workdir, TARGETS, config, args.cores)
+    wall, peaks = snakemake(workdir, TARGETS, config, args.cores)
     ingest = json.loads((workdir / "results/corpus/domain/ingest.json").read_text())
     figures = {
         "scale": scale,
@@ -199,7 +240,7 @@ def measure_scale(scale: int, args, scratch: Path, models: Path, model_folder: s
         "train_text_bytes": ingest["train"]["bytes"],
         "distinct_pretokens": distinct_pretokens(workdir / "results/analysis/pretokens.parquet"),
         "snakemake_wall_s": wall,
-        "stages": stage_figures(workdir / "benchmarks"),
+        "stages": stage_figures(workdir / "benchmarks", peaks),
     }
     if scale == 1:
         figures["real_quarter"] = quarter_pretokens(workdir, model_folder, args.seed, scratch)
@@ -234,10 +275,10 @@ def print_table(runs: list[dict], summary: dict) -> None:
     print(row("stage", [(f"{r['scale']}x s", f"{r['scale']}x MiB") for r in runs]) + f"{'exponent':>10}{'cpu exp.':>10}")
     for stage, exponent in exponents.items():
         if stage not in ("all stages", "snakemake wall"):
-            print(row(stage, [(f"{r['stages'][stage]['s']:.1f}", f"{r['stages'][stage]['max_rss_mib']:.0f}") for r in runs],
+            print(row(stage, [(f"{r['stages'][stage]['s']:.1f}", f"{r['stages'][stage]['peak_rss_mib']:.0f}") for r in runs],
                       exponent, summary["cpu_time_exponents"][stage]))
     print(row("all stages (sum; max)", [(f"{sum(f['s'] for f in r['stages'].values()):.1f}",
-                                         f"{max(f['max_rss_mib'] for f in r['stages'].values()):.0f}") for r in runs],
+                                         f"{max(f['peak_rss_mib'] for f in r['stages'].values()):.0f}") for r in runs],
               exponents["all stages"]))
     print(row("snakemake wall", [(f"{r['snakemake_wall_s']:.1f}", "") for r in runs], exponents["snakemake wall"]))
     print(row("corpus MB (text)", [(f"{r['corpus_text_bytes'] / 1e6:.1f}", "") for r in runs]))
