@@ -243,7 +243,8 @@ def measure_scale(scale: int, args, scratch: Path, models: Path, model_folder: s
         "stages": stage_figures(workdir / "benchmarks", peaks),
     }
     if scale == 1:
-        figures["real_quarter"] = quarter_pretokens(workdir, model_folder, args.seed, scratch)
+        (workdir / "quarter").mkdir()
+        figures["real_quarter"] = quarter_pretokens(workdir, model_folder, args.seed, workdir / "quarter")
     if not args.keep:
         shutil.rmtree(workdir)
         (scratch / f"bills_{scale}x.parquet").unlink()
