@@ -72,22 +72,6 @@ def block_stream(blocks: int, length: int, seed: int) -> np.ndarray:
     return np.concatenate(parts)[:length]
 
 
-def pack_stream(docs: list[np.ndarray], eos_id: int, pad_id: int, block_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Documents joined with EOS after each, cut into blocks; the tail block is padded (mask 0)."""
-    length = sum(len(d) + 1 for d in docs)
-    blocks = -(-length // block_size)
-    ids = np.full(blocks * block_size, pad_id, dtype=np.int64)
-    mask = np.zeros(blocks * block_size, dtype=np.uint8)
-    at = 0
-    for doc in docs:
-        ids[at : at + len(doc)] = doc
-        ids[at + len(doc)] = eos_id
-        at += len(doc) + 1
-    mask[:length] = 1
-    return ids.reshape(blocks, block_size), mask.reshape(blocks, block_size)
-
-
-
 def pack_examples(prompts: list[np.ndarray], completions: list[np.ndarray], pad_id: int,
                   block_size: int) -> tuple[np.ndarray, np.ndarray, dict]:
     """Whole examples packed in order into padded blocks; labels (mask 1) only on completions.
