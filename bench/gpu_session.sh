@@ -296,7 +296,7 @@ gguf_export() { # the trained IVR model as GGUF (the base GGUF's type and F16), 
     --check general=results/corpus/general/heldout.jsonl --threads 2 --report "$GGUF_DIR/gguf_check.json"
 }
 
-gguf_speed() { # after everything else: nothing else runs beside it
+gguf_speed() { # on the export's cores, which the extra trainings keep off
   taskset -c "$GGUF_CPUS" "$PY" bench/gguf_speed.py --ivr "$GGUF_DIR/ivr.gguf" --base "$(cfg "c['base_model']")" \
     --texts results/corpus/domain/heldout.jsonl --threads 2 --json "$GGUF_DIR/gguf_speed.json"
 }
@@ -400,14 +400,14 @@ orchestrate() {
   fi
   [[ -n $unigram ]] && wait "$unigram"
   # side by side: the GPU shared by the extra trainings, cores 0-1 for the GGUF export
+  local failed=0 pid
   for extra in $EXTRAS; do
     case $extra in
-    unigram) [[ -f $STATE/unigram_cpu.done ]] && { stage unigram_train unigram_train & after+=($!); } ;;
+    unigram) if [[ -f $STATE/unigram_cpu.done ]]; then stage unigram_train unigram_train & after+=($!); else failed=1; fi ;;
     train:*) stage "${extra//[:=,]/_}" extra_train "${extra//[:=,]/_}" "${extra#train:}" & after+=($!) ;;
     gguf) { stage gguf_export gguf_export && stage gguf_speed gguf_speed; } & after+=($!) ;;
     esac
   done
-  local failed=0 pid
   for pid in "${after[@]}"; do wait "$pid" || failed=1; done
   for extra in $EXTRAS; do
     case $extra in

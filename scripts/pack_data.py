@@ -31,7 +31,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from ivr.cli import UserError, atomic_outputs, log, progress, run_main  # noqa: E402
-from ivr.corpus import iter_jsonl_texts  # noqa: E402
+from ivr.corpus import iter_jsonl_texts, split_line_text  # noqa: E402
 from ivr.tokenization import load_tokenizer  # noqa: E402
 from ivr.packed_data import interleave, pack_examples  # noqa: E402
 
@@ -89,9 +89,9 @@ class Split:
         self.path, self.offsets, self.sizes = path, [], []
         at = 0
         with open(path, "rb") as handle:
-            for text, line in zip(iter_jsonl_texts(path), handle):
+            for number, line in enumerate(handle, start=1):
                 self.offsets.append(at)
-                self.sizes.append(len(text.encode("utf-8")))
+                self.sizes.append(len(split_line_text(line, path, number).encode("utf-8")))
                 at += len(line)
 
     def __len__(self) -> int:
@@ -170,7 +170,7 @@ def check_inputs(args: argparse.Namespace) -> None:
             raise UserError(f"{path}: {what} does not exist")
 
 
-def write_blocks(path: Path, tokens: int, block_size: int, fill, dtype) -> int:
+def pad_to_blocks(path: Path, tokens: int, block_size: int, fill, dtype) -> int:
     """Pad the stream in path with fill up to whole blocks; returns the number of blocks."""
     blocks = -(-tokens // block_size)
     with open(path, "ab") as out:
@@ -235,7 +235,7 @@ def pack(args: argparse.Namespace, ids_path: Path, mask_path: Path) -> dict:
                              args.general_share, args.seed)
     order = np.random.default_rng(args.seed).permutation(len(domain) + len(general))
     text_tokens = write_stream(tok, domain, general, order, eos_id, dtype, ids_path)
-    text_blocks = write_blocks(ids_path, text_tokens, args.block_size, pad_id, dtype)
+    text_blocks = pad_to_blocks(ids_path, text_tokens, args.block_size, pad_id, dtype)
     write_mask(mask_path, text_tokens, text_blocks * args.block_size)
     blocks, label_tokens = text_blocks, text_tokens
 

@@ -373,13 +373,18 @@ def iter_jsonl_texts(path: str | os.PathLike) -> Iterator[str]:
     """Read back the documents of a split written by ingest (one JSON object per line, key 'text')."""
     with open(path, "rb") as handle:
         for number, raw in enumerate(handle, start=1):
-            try:
-                text = json.loads(raw)["text"]
-            except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
-                text = None
-            if not isinstance(text, str):
-                raise UserError(
-                    f"{path}: line {number}: not a split written by ingest_corpus.py "
-                    "(one JSON object with a string 'text' per line)"
-                )
-            yield text
+            yield split_line_text(raw, path, number)
+
+
+def split_line_text(raw: bytes, path: str | os.PathLike, number: int) -> str:
+    """The document of line number of a split written by ingest; UserError naming the line otherwise."""
+    try:
+        text = json.loads(raw)["text"]
+    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
+        text = None
+    if not isinstance(text, str):
+        raise UserError(
+            f"{path}: line {number}: not a split written by ingest_corpus.py "
+            "(one JSON object with a string 'text' per line)"
+        )
+    return text

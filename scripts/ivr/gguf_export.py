@@ -15,6 +15,7 @@ from pathlib import Path
 
 from ivr.base_bpe import split_merge
 from ivr.cli import UserError, first_line
+from ivr.files import read_json
 from ivr.gguf_vocab import CONTROL, NORMAL, PRE_TOKENIZERS, UNUSED, USER_DEFINED, read_fields
 
 # Hugging Face Llama weight name (inside model.layers.N.) -> llama.cpp tensor name (inside blk.N.).
@@ -168,7 +169,8 @@ def write_f16(folder: Path, out: Path) -> None:
 
     writer = gguf.GGUFWriter(str(out), "llama")
     # the name and licence llama.cpp and ollama show: the base model's, from finalize_model's provenance
-    base = (json.loads((folder / "PROVENANCE.json").read_text()) if (folder / "PROVENANCE.json").exists() else {}).get("base_model", {})
+    provenance = folder / "PROVENANCE.json"
+    base = read_json(provenance, "provenance").get("base_model", {}) if provenance.exists() else {}
     writer.add_name(f"{base['name']}-IVR" if base.get("name") else folder.name)
     if base.get("licence"):
         writer.add_license(base["licence"])

@@ -116,8 +116,6 @@ def read_fields(path: Path, prefix: str = "tokenizer.") -> dict:
         if file.read(4) != b"GGUF":
             raise UserError(f"{path}: not a GGUF file (bad magic number)")
         data = memoryview(mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ))
-    if bytes(data[:4]) != b"GGUF":
-        raise UserError(f"{path}: not a GGUF file (bad magic number)")
     version, _, n_keys = struct.unpack_from("<IQQ", data, 4)
     if version not in (2, 3):
         raise UserError(f"{path}: GGUF version {version} is not supported (2 or 3)")
