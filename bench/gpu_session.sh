@@ -129,10 +129,12 @@ install() {
   "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
   "$PY" - "${modules[@]}" <<'PY'
 import importlib, sys
-from importlib.metadata import version
+from importlib.metadata import packages_distributions, version
+distributions = packages_distributions()  # module -> distribution: llama_cpp is llama_cpp_python's
 for name in sys.argv[1:]:
     importlib.import_module(name)
-print(*(f"{name} {version(name)}" for name in sys.argv[1:]), "cuda", importlib.import_module("torch").cuda.is_available())
+print(*(f"{name} {version(distributions[name][0])}" for name in sys.argv[1:]), "cuda",
+      importlib.import_module("torch").cuda.is_available())
 PY
   stash
 }
@@ -215,9 +217,9 @@ import yaml
 sys.path.insert(0, "scripts")
 from ivr.config import read_configs
 from ivr.retention import unseen_spec
+from ivr.train_settings import branch_settings
 config = read_configs(sys.argv[2:])
-training = config["training"]
-training.pop("control_lr"), training.pop("control_interpolation")
+training = branch_settings(config["training"], "ivr")
 for setting in sys.argv[1].split(","):
     key, value = setting.split("=", 1)
     if key not in training:
@@ -265,7 +267,9 @@ unigram_cpu() { # the copy, sharing the assets and the base model's folder, with
   # beside the default run (SNAKE_OPTS without its --cores N); the rules' script paths differ in the copy,
   # so only missing or older outputs count
   (cd "$UNIGRAM" && taskset -c "$SIDE_CPUS" "$PY" -m snakemake "${CPU_TARGETS[@]}" --rerun-triggers mtime \
-    --cores "$(taskset -c "$SIDE_CPUS" nproc)" "${SNAKE_OPTS[@]:2}" unigram.yaml)
+    --cores "$(taskset -c "$SIDE_CPUS" nproc)" "${SNAKE_OPTS[@]:2}" unigram.yaml) || return 1
+  mkdir -p results/extra/unigram # its tokenizer's figures, whether or not its training comes to run
+  cp "$UNIGRAM"/results/remap/compression.json "$UNIGRAM"/results/tokenizer/fidelity.json results/extra/unigram/
 }
 
 unigram_train() { # the copy's IVR model with the session's settings; its stats and tables into results/extra/unigram
@@ -275,9 +279,7 @@ unigram_train() { # the copy's IVR model with the session's settings; its stats 
   (cd "$UNIGRAM" && taskset -c "$TRAIN_CPUS" "$PY" -m snakemake results/model/sft --rerun-triggers mtime "${SNAKE_OPTS[@]}" \
     "${CHOSEN[@]}" unigram.yaml) ||
     return 1
-  mkdir -p results/extra/unigram
-  cp "$UNIGRAM"/results/model/sft/{training_stats.json,train_log.jsonl} "$UNIGRAM"/results/remap/compression.json \
-    "$UNIGRAM"/results/tokenizer/fidelity.json results/extra/unigram/
+  cp "$UNIGRAM"/results/model/sft/{training_stats.json,train_log.jsonl} results/extra/unigram/
 }
 
 GGUF_DIR=results/extra/gguf
@@ -389,18 +391,22 @@ orchestrate() {
     CHOSEN=(results/tuning/chosen.yaml)
   fi
   [[ -n $deepspeed ]] && wait "$deepspeed"
+  local failed=0 pid
   if ! stage default_run "$PY" -m snakemake results/final_model "${SNAKE_OPTS[@]}" "${CHOSEN[@]}"; then
-    # only a failed training is retried: a failed gate or report is the run's result, not a graphs fault
-    grep -q "Error in rule train_sft" "$STATE/default_run.log" || return 1
-    [[ $(cfg "c['training']['cuda_graphs']") == true ]] && compiled_body || return 1
-    say "the default run failed with CUDA graphs: once more without them (it resumes from its checkpoints)"
-    mv "$STATE/default_run.log" "$STATE/default_run_graphs.log"
-    override cuda_graphs false "failed in the default run (see default_run_graphs.log)"
-    stage default_run "$PY" -m snakemake results/final_model "${SNAKE_OPTS[@]}" "${CHOSEN[@]}" || return 1
+    if grep -q "Error in rule train_sft" "$STATE/default_run.log"; then
+      # only a failed training is retried: a failed gate or report is the run's result, not a graphs fault
+      [[ $(cfg "c['training']['cuda_graphs']") == true ]] && compiled_body || return 1
+      say "the default run failed with CUDA graphs: once more without them (it resumes from its checkpoints)"
+      mv "$STATE/default_run.log" "$STATE/default_run_graphs.log"
+      override cuda_graphs false "failed in the default run (see default_run_graphs.log)"
+      stage default_run "$PY" -m snakemake results/final_model "${SNAKE_OPTS[@]}" "${CHOSEN[@]}" || return 1
+    else
+      failed=1
+      say "the default run failed after its trainings (a gate or the report): the extras still run"
+    fi
   fi
   [[ -n $unigram ]] && wait "$unigram"
   # side by side: the GPU shared by the extra trainings, cores 0-1 for the GGUF export
-  local failed=0 pid
   for extra in $EXTRAS; do
     case $extra in
     unigram) if [[ -f $STATE/unigram_cpu.done ]]; then stage unigram_train unigram_train & after+=($!); else failed=1; fi ;;
@@ -443,11 +449,15 @@ wait)
   ;;
 status) status ;;
 collect)
-  tar czf "$OUT/session.tar.gz" --ignore-failed-read --exclude=./parts -C "$STATE" . -C "$PWD" results/report \
+  # not the parts, the unigram run's copy of the work tree (its figures are in results/extra/unigram) or GGUFs
+  tar czf "$OUT/session.tar.gz" --ignore-failed-read --exclude=./parts --exclude=./unigram --exclude='*.gguf' \
+    -C "$STATE" . -C "$PWD" results/report \
     results/tuning/trials.jsonl results/tuning/ablation.md results/tuning/chosen.yaml results/tuning/compile.yaml \
-    results/tuning/runs results/extra/*.json results/extra/*.html results/extra/*/*.json results/report/gguf_check.json \
+    results/tuning/runs results/extra/*.json results/extra/*.html results/report/gguf_check.json \
+    results/extra/*/{training_stats,compression,fidelity,gguf_check,gguf_speed}.json \
     results/model/sft/train_log.jsonl results/model/sft/training_stats.json results/model/control/train_log.jsonl \
-    results/model/control/training_stats.json results/extra/*/train_log.jsonl results/extra/*/training_stats.json \
+    results/model/control/training_stats.json results/extra/*/train_log.jsonl \
+    results/checkpoints/*/train_log.jsonl \
     results/remap/compression.json results/tokenizer/fidelity.json results/analysis/corpus_stats.json \
     results/remap/selection_log.md logs benchmarks results/final_model/README.md results/final_model/PROVENANCE.json \
     2>/dev/null
