@@ -180,6 +180,24 @@ def test_untied_head_rows_are_held_too(tmp_path, tiny_gpt2_dir, packed, rules_fi
     assert stats(out)["held_rows_vs_input"]["max_abs_change_before_restore"] == 0.0
 
 
+def test_a_lora_control_trains_adapters_only(tmp_path, tiny_gpt2_dir, packed):
+    """The control (no reassigned rows) with training.control_stage2 lora: its adapters merged, every row of
+    the embedding as it was."""
+    from ivr.train_settings import branch_settings, resolve_settings
+
+    settings = branch_settings(resolve_settings({"stage2": "lora", "control_stage2": "lora", "control_lr": 0.02}),
+                               "control")
+    assert (settings["stage2"], settings["lr"]) == ("lora", 0.02) and "control_stage2" not in settings
+    assert branch_settings(resolve_settings({"stage2": "lora"}), "control")["stage2"] == "lora"
+    assert branch_settings(resolve_settings({"stage2": "lora", "control_stage2": "full"}), "control")["stage2"] == "full"
+    out = tmp_path / "out"
+    run(train_command(tiny_gpt2_dir, packed, out, tmp_path / "ck", None, "stage2=lora", "lr=1e-2", "lora.r=4"))
+    after, before = weights(out), weights(tiny_gpt2_dir)
+    attn = "transformer.h.0.attn.c_attn.weight"
+    assert not torch.equal(after[attn], before[attn])
+    assert torch.equal(after["transformer.wte.weight"], before["transformer.wte.weight"])
+
+
 def test_lora_stage_is_merged_and_the_output_loads(tmp_path, tiny_gpt2_dir, packed, rules_file):
     from transformers import AutoModelForCausalLM
 

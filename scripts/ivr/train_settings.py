@@ -57,7 +57,7 @@ def branch_settings(training: dict, branch: str) -> dict:
     """The training settings of one branch (ivr or control), holding only what that branch uses, so that
     changing the IVR budget does not rerun the control, nor the control's learning rate the IVR model."""
     settings = dict(training)
-    control = {key: settings.pop(f"control_{key}") for key in ("lr", "interpolation")}
+    control = {key: settings.pop(f"control_{key}") for key in ("lr", "interpolation", "stage2")}
     if branch == "control":
         settings.pop("budget")
         settings.update({key: value for key, value in control.items() if value is not None})
