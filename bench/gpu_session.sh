@@ -29,13 +29,15 @@
 #   IVR_SESSION_DEEPSPEED=0  no DeepSpeed check (install then checks no DeepSpeed either)
 #   IVR_SESSION_EXTRAS     what follows the default run (equal_compute one_pass unless set; "" or none:
 #                          nothing): equal_compute, one_pass (the IVR model again at the control's compute
-#                          or after one pass, with a report); unigram (the IVR model with ivr.backend
-#                          unigram, trained in a copy of the work tree, its CPU stages beside the default
-#                          run); train:KEY=VALUE[,KEY=VALUE...] (the IVR model with training settings changed); gguf
-#                          (the trained IVR model as GGUF files, checked and timed in llama.cpp against the
-#                          base GGUF on two cores, IVR_SESSION_GGUF_CPUS). unigram, train: (on the cores of
-#                          IVR_SESSION_TRAIN_CPUS) and gguf run side by side after the default run's report,
-#                          and write only training stats and JSON figures
+#                          or after one pass, with a report); config:KEY=VALUE[,KEY=VALUE...] (the
+#                          workflow with config keys changed, dotted, e.g. config:ivr.n_reassign=4000, in a
+#                          copy of the work tree: its CPU stages beside the default run, its IVR model
+#                          trained after it); unigram (config:ivr.backend=unigram);
+#                          train:KEY=VALUE[,KEY=VALUE...] (the IVR model with training settings changed);
+#                          gguf (the trained IVR model as GGUF files, checked and timed in llama.cpp against
+#                          the base GGUF on two cores, IVR_SESSION_GGUF_CPUS). config:, unigram, train: (on
+#                          the cores of IVR_SESSION_TRAIN_CPUS) and gguf run side by side after the default
+#                          run's report, and write only training stats and JSON figures
 #   IVR_SESSION_CONFIGS    the configs (config/gpu.yaml); a CPU rehearsal: see docs/DEVELOPING.md
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
@@ -49,7 +51,7 @@ read -r -a CONFIGS <<<"${IVR_SESSION_CONFIGS:-config/gpu.yaml}"
 BENCH=${IVR_SESSION_BENCH-}
 EXTRAS=${IVR_SESSION_EXTRAS-equal_compute one_pass}
 DEEPSPEED=${IVR_SESSION_DEEPSPEED:-1}
-SIDE_CPUS=${IVR_SESSION_SIDE_CPUS:-8-15} # the unigram run's CPU stages, beside the default run
+SIDE_CPUS=${IVR_SESSION_SIDE_CPUS:-8-15} # the config runs' CPU stages, beside the default run
 GGUF_CPUS=${IVR_SESSION_GGUF_CPUS:-0,1}  # the GGUF export and llama.cpp's timing: two cores, as on a small machine
 TRAIN_CPUS=${IVR_SESSION_TRAIN_CPUS:-2-15} # the extra trainings, beside them
 CALL_MIB=${IVR_SESSION_CALL_MIB:-60} # what one device call may carry, under its limit of 64 MiB
@@ -159,8 +161,8 @@ unpack() { # the carried assets into resources/assets, once, checked against pac
 check_settings() {
   local extra assets missing=()
   for extra in $EXTRAS; do
-    case $extra in equal_compute | one_pass | unigram | gguf | none | train:?*=?*) ;; *)
-      echo "error: IVR_SESSION_EXTRAS: unknown run '$extra' (equal_compute, one_pass, unigram, train:KEY=VALUE, gguf, none)" >&2
+    case $extra in equal_compute | one_pass | unigram | gguf | none | train:?*=?* | config:?*=?*) ;; *)
+      echo "error: IVR_SESSION_EXTRAS: unknown run '$extra' (equal_compute, one_pass, unigram, train:KEY=VALUE, config:KEY=VALUE, gguf, none)" >&2
       return 1
       ;;
     esac
@@ -252,34 +254,54 @@ extra_run() { # extra_run NAME KEY=VALUE: extra_train, then the report of that m
     --out-json "results/extra/$name.validation.json" --out-html "results/extra/$name.validation.html"
 }
 
-UNIGRAM=$STATE/unigram # the work tree's copy for the ivr.backend unigram run
-unigram_cpu() { # the copy, sharing the assets and the base model's folder, with the default run's corpus,
-  # analysis and control data (whose rules read no ivr setting), then its own CPU stages
-  rm -rf "$UNIGRAM" && mkdir -p "$UNIGRAM/results/data" "$UNIGRAM/.snakemake" || return 1
-  local entry
-  for entry in * .[!.]*; do
-    case $entry in results | resources | logs | benchmarks | .snakemake | .devcarry | .whl | .git) ;; *) cp -a "$entry" "$UNIGRAM/" ;; esac
-  done
-  ln -s "$PWD/resources" "$UNIGRAM/resources"
-  cp -a results/corpus results/analysis "$UNIGRAM/results/" && cp -a results/data/control "$UNIGRAM/results/data/" &&
-    cp -a .snakemake/metadata "$UNIGRAM/.snakemake/" || return 1
-  printf 'ivr:\n  backend: unigram\n' >"$UNIGRAM/unigram.yaml"
-  # beside the default run (SNAKE_OPTS without its --cores N); the rules' script paths differ in the copy,
-  # so only missing or older outputs count
-  (cd "$UNIGRAM" && taskset -c "$SIDE_CPUS" "$PY" -m snakemake "${CPU_TARGETS[@]}" --rerun-triggers mtime \
-    --cores "$(taskset -c "$SIDE_CPUS" nproc)" "${SNAKE_OPTS[@]:2}" unigram.yaml) || return 1
-  mkdir -p results/extra/unigram # its tokenizer's figures, whether or not its training comes to run
-  cp "$UNIGRAM"/results/remap/compression.json "$UNIGRAM"/results/tokenizer/fidelity.json results/extra/unigram/
+copy_name() { # copy_name EXTRA: the folder name of a config: extra (unigram is config:ivr.backend=unigram)
+  [[ $1 == unigram ]] && echo unigram && return
+  local name=${1#config:}
+  echo "config_${name//[:=,]/_}"
 }
 
-unigram_train() { # the copy's IVR model with the session's settings; its stats and tables into results/extra/unigram
+copy_cpu() { # copy_cpu NAME KEY=VALUE[,...]: the workflow in a copy of the work tree ($STATE/NAME) with
+  # those config keys changed (dotted, e.g. ivr.n_reassign=4000), sharing the assets and the base model's
+  # folder, with the default run's corpus, analysis and control data (whose rules read no ivr setting),
+  # then its own CPU stages
+  local name=$1 copy=$STATE/$1 entry
+  rm -rf "$copy" && mkdir -p "$copy/results/data" "$copy/.snakemake" || return 1
+  for entry in * .[!.]*; do
+    case $entry in results | resources | logs | benchmarks | .snakemake | .devcarry | .whl | .git) ;; *) cp -a "$entry" "$copy/" ;; esac
+  done
+  ln -s "$PWD/resources" "$copy/resources"
+  cp -a results/corpus results/analysis "$copy/results/" && cp -a results/data/control "$copy/results/data/" &&
+    cp -a .snakemake/metadata "$copy/.snakemake/" || return 1
+  "$PY" - "$2" >"$copy/extra.yaml" <<'PY' || return 1
+import sys
+import yaml
+config = {}
+for setting in sys.argv[1].split(","):
+    key, value = setting.split("=", 1)
+    *parents, leaf = key.split(".")
+    node = config
+    for part in parents:
+        node = node.setdefault(part, {})
+    node[leaf] = yaml.safe_load(value)
+print(yaml.safe_dump(config), end="")
+PY
+  # beside the default run (SNAKE_OPTS without its --cores N); the rules' script paths differ in the copy,
+  # so only missing or older outputs count
+  (cd "$copy" && taskset -c "$SIDE_CPUS" "$PY" -m snakemake "${CPU_TARGETS[@]}" --rerun-triggers mtime \
+    --cores "$(taskset -c "$SIDE_CPUS" nproc)" "${SNAKE_OPTS[@]:2}" extra.yaml) || return 1
+  mkdir -p "results/extra/$name" # its tokenizer's figures, whether or not its training comes to run
+  cp "$copy"/results/remap/compression.json "$copy"/results/tokenizer/fidelity.json "results/extra/$name/"
+}
+
+copy_train() { # copy_train NAME: the copy's IVR model with the session's settings; its stats into results/extra/NAME
   # the default run's control too: the IVR model's rule waits for it (training.serial)
-  mkdir -p "$UNIGRAM/results/model" && cp -a results/model/control "$UNIGRAM/results/model/" || return 1
-  [[ -d results/tuning ]] && cp -a results/tuning "$UNIGRAM/results/"
-  (cd "$UNIGRAM" && taskset -c "$TRAIN_CPUS" "$PY" -m snakemake results/model/sft --rerun-triggers mtime "${SNAKE_OPTS[@]}" \
-    "${CHOSEN[@]}" unigram.yaml) ||
+  local copy=$STATE/$1
+  mkdir -p "$copy/results/model" && cp -a results/model/control "$copy/results/model/" || return 1
+  [[ -d results/tuning ]] && cp -a results/tuning "$copy/results/"
+  (cd "$copy" && taskset -c "$TRAIN_CPUS" "$PY" -m snakemake results/model/sft --rerun-triggers mtime "${SNAKE_OPTS[@]}" \
+    "${CHOSEN[@]}" extra.yaml) ||
     return 1
-  cp "$UNIGRAM"/results/model/sft/{training_stats.json,train_log.jsonl} results/extra/unigram/
+  cp "$copy"/results/model/sft/{training_stats.json,train_log.jsonl} "results/extra/$1/"
 }
 
 GGUF_DIR=results/extra/gguf
@@ -370,11 +392,17 @@ orchestrate() {
     wait "$bench"
   fi
   choose_compile_scope
-  local deepspeed= unigram= after=()
-  if [[ " $EXTRAS " == *" unigram "* ]]; then
-    stage unigram_cpu unigram_cpu &
-    unigram=$!
-  fi
+  local deepspeed= copies=() after=() extra name
+  for extra in $EXTRAS; do # the copies' CPU stages, beside the tuning and the default run
+    case $extra in unigram | config:*)
+      name=$(copy_name "$extra")
+      local setting=${extra#config:}
+      [[ $extra == unigram ]] && setting=ivr.backend=unigram
+      stage "${name}_cpu" copy_cpu "$name" "$setting" &
+      copies+=($!)
+      ;;
+    esac
+  done
   if [[ $DEEPSPEED == 1 ]]; then
     PYTHON="$PY" OUT="$STATE/deepspeed" stage deepspeed_check bash bench/deepspeed_check.sh &
     deepspeed=$!
@@ -405,11 +433,14 @@ orchestrate() {
       say "the default run failed after its trainings (a gate or the report): the extras still run"
     fi
   fi
-  [[ -n $unigram ]] && wait "$unigram"
+  for pid in "${copies[@]}"; do wait "$pid"; done
   # side by side: the GPU shared by the extra trainings, cores 0-1 for the GGUF export
   for extra in $EXTRAS; do
     case $extra in
-    unigram) if [[ -f $STATE/unigram_cpu.done ]]; then stage unigram_train unigram_train & after+=($!); else failed=1; fi ;;
+    unigram | config:*)
+      name=$(copy_name "$extra")
+      if [[ -f $STATE/${name}_cpu.done ]]; then stage "${name}_train" copy_train "$name" & after+=($!); else failed=1; fi
+      ;;
     train:*) stage "${extra//[:=,]/_}" extra_train "${extra//[:=,]/_}" "${extra#train:}" & after+=($!) ;;
     gguf) { stage gguf_export gguf_export && stage gguf_speed gguf_speed; } & after+=($!) ;;
     esac
@@ -449,8 +480,9 @@ wait)
   ;;
 status) status ;;
 collect)
-  # not the parts, the unigram run's copy of the work tree (its figures are in results/extra/unigram) or GGUFs
-  tar czf "$OUT/session.tar.gz" --ignore-failed-read --exclude=./parts --exclude=./unigram --exclude='*.gguf' \
+  # not the parts, the config runs' copies of the work tree (their figures are in results/extra/NAME) or GGUFs
+  tar czf "$OUT/session.tar.gz" --ignore-failed-read --exclude=./parts --exclude=./unigram --exclude='./config_*' \
+    --exclude='*.gguf' \
     -C "$STATE" . -C "$PWD" results/report \
     results/tuning/trials.jsonl results/tuning/ablation.md results/tuning/chosen.yaml results/tuning/compile.yaml \
     results/tuning/runs results/extra/*.json results/extra/*.html results/report/gguf_check.json \
