@@ -166,6 +166,17 @@ check_settings() {
       return 1
       ;;
     esac
+    if [[ $extra == config:* ]]; then
+      local setting settings
+      IFS=, read -r -a settings <<<"${extra#config:}"
+      for setting in "${settings[@]}"; do
+        case ${setting%%.*} in ivr | embeddings | distill) ;; *)
+          echo "error: IVR_SESSION_EXTRAS: $extra: $setting is no ivr, embeddings or distill key (a copy shares the default run's corpus, analysis and control; train:KEY=VALUE changes training)" >&2
+          return 1
+          ;;
+        esac
+      done
+    fi
   done
   assets=$(needed_assets) || return 1
   for asset in $assets; do [[ -d $asset ]] || missing+=("$asset"); done
@@ -219,14 +230,14 @@ import yaml
 sys.path.insert(0, "scripts")
 from ivr.config import read_configs
 from ivr.retention import unseen_spec
-from ivr.train_settings import branch_settings
+from ivr.train_settings import branch_settings, parse_value
 config = read_configs(sys.argv[2:])
 training = branch_settings(config["training"], "ivr")
 for setting in sys.argv[1].split(","):
     key, value = setting.split("=", 1)
     if key not in training:
         sys.exit(f"error: training.{key} is no training setting")
-    training[key] = yaml.safe_load(value)
+    training[key] = parse_value(value)
 print(json.dumps(training))
 print(" ".join(unseen_spec(t) for t in config["unseen_texts"]["dev"]))
 PY
@@ -254,17 +265,18 @@ extra_run() { # extra_run NAME KEY=VALUE: extra_train, then the report of that m
     --out-json "results/extra/$name.validation.json" --out-html "results/extra/$name.validation.html"
 }
 
+COPIES=$STATE/copies # the config runs' copies of the work tree
 copy_name() { # copy_name EXTRA: the folder name of a config: extra (unigram is config:ivr.backend=unigram)
   [[ $1 == unigram ]] && echo unigram && return
   local name=${1#config:}
-  echo "config_${name//[:=,]/_}"
+  echo "config_${name//[:=,\/]/_}"
 }
 
-copy_cpu() { # copy_cpu NAME KEY=VALUE[,...]: the workflow in a copy of the work tree ($STATE/NAME) with
+copy_cpu() { # copy_cpu NAME KEY=VALUE[,...]: the workflow in a copy of the work tree ($COPIES/NAME) with
   # those config keys changed (dotted, e.g. ivr.n_reassign=4000), sharing the assets and the base model's
-  # folder, with the default run's corpus, analysis and control data (whose rules read no ivr setting),
-  # then its own CPU stages
-  local name=$1 copy=$STATE/$1 entry
+  # folder, with the default run's corpus, analysis and control data (whose rules read no ivr, embeddings
+  # or distill setting), then its own CPU stages
+  local name=$1 copy=$COPIES/$1 entry
   rm -rf "$copy" && mkdir -p "$copy/results/data" "$copy/.snakemake" || return 1
   for entry in * .[!.]*; do
     case $entry in results | resources | logs | benchmarks | .snakemake | .devcarry | .whl | .git) ;; *) cp -a "$entry" "$copy/" ;; esac
@@ -272,9 +284,12 @@ copy_cpu() { # copy_cpu NAME KEY=VALUE[,...]: the workflow in a copy of the work
   ln -s "$PWD/resources" "$copy/resources"
   cp -a results/corpus results/analysis "$copy/results/" && cp -a results/data/control "$copy/results/data/" &&
     cp -a .snakemake/metadata "$copy/.snakemake/" || return 1
+  [[ -d results/tuning ]] && cp -a results/tuning "$copy/results/" # compile.yaml, which SNAKE_OPTS may name
   "$PY" - "$2" >"$copy/extra.yaml" <<'PY' || return 1
 import sys
 import yaml
+sys.path.insert(0, "scripts")
+from ivr.train_settings import parse_value
 config = {}
 for setting in sys.argv[1].split(","):
     key, value = setting.split("=", 1)
@@ -282,7 +297,7 @@ for setting in sys.argv[1].split(","):
     node = config
     for part in parents:
         node = node.setdefault(part, {})
-    node[leaf] = yaml.safe_load(value)
+    node[leaf] = parse_value(value)
 print(yaml.safe_dump(config), end="")
 PY
   # beside the default run (SNAKE_OPTS without its --cores N); the rules' script paths differ in the copy,
@@ -294,9 +309,7 @@ PY
 }
 
 copy_train() { # copy_train NAME: the copy's IVR model with the session's settings; its stats into results/extra/NAME
-  # the default run's control too: the IVR model's rule waits for it (training.serial)
-  local copy=$STATE/$1
-  mkdir -p "$copy/results/model" && cp -a results/model/control "$copy/results/model/" || return 1
+  local copy=$COPIES/$1
   [[ -d results/tuning ]] && cp -a results/tuning "$copy/results/"
   (cd "$copy" && taskset -c "$TRAIN_CPUS" "$PY" -m snakemake results/model/sft --rerun-triggers mtime "${SNAKE_OPTS[@]}" \
     "${CHOSEN[@]}" extra.yaml) ||
@@ -393,6 +406,7 @@ orchestrate() {
   fi
   choose_compile_scope
   local deepspeed= copies=() after=() extra name
+  wait_copies() { local pid; for pid in "${copies[@]}"; do wait "$pid"; done; } # none left running on a return
   for extra in $EXTRAS; do # the copies' CPU stages, beside the tuning and the default run
     case $extra in unigram | config:*)
       name=$(copy_name "$extra")
@@ -409,31 +423,33 @@ orchestrate() {
   fi
   if [[ ${IVR_SESSION_TUNE:-1} == 1 ]]; then
     if ! tune; then
-      compiled_body || return 1
+      compiled_body || { wait_copies; return 1; }
       say "tuning failed with compile_scope body: once more by blocks, without CUDA graphs"
       mv "$STATE/tuning.log" "$STATE/tuning_body.log"
       override compile_scope blocks "body failed in the tuning (see tuning_body.log)"
       override cuda_graphs false "body failed in the tuning (see tuning_body.log)"
-      tune || return 1
+      tune || { wait_copies; return 1; }
     fi
     CHOSEN=(results/tuning/chosen.yaml)
   fi
   [[ -n $deepspeed ]] && wait "$deepspeed"
   local failed=0 pid
   if ! stage default_run "$PY" -m snakemake results/final_model "${SNAKE_OPTS[@]}" "${CHOSEN[@]}"; then
-    if grep -q "Error in rule train_sft" "$STATE/default_run.log"; then
-      # only a failed training is retried: a failed gate or report is the run's result, not a graphs fault
-      [[ $(cfg "c['training']['cuda_graphs']") == true ]] && compiled_body || return 1
+    failed=1
+    # only a failed training is retried: a failed gate or report is the run's result, not a graphs fault
+    if grep -q "Error in rule train_sft" "$STATE/default_run.log" &&
+      [[ $(cfg "c['training']['cuda_graphs']") == true ]] && compiled_body; then
       say "the default run failed with CUDA graphs: once more without them (it resumes from its checkpoints)"
       mv "$STATE/default_run.log" "$STATE/default_run_graphs.log"
       override cuda_graphs false "failed in the default run (see default_run_graphs.log)"
-      stage default_run "$PY" -m snakemake results/final_model "${SNAKE_OPTS[@]}" "${CHOSEN[@]}" || return 1
-    else
-      failed=1
-      say "the default run failed after its trainings (a gate or the report): the extras still run"
+      stage default_run "$PY" -m snakemake results/final_model "${SNAKE_OPTS[@]}" "${CHOSEN[@]}" && failed=0
+    fi
+    if ((failed)); then
+      [[ -d results/model/sft && -d results/model/control ]] || { wait_copies; return 1; }
+      say "the default run failed after its trainings (a gate or the report): the extras still run on its models"
     fi
   fi
-  for pid in "${copies[@]}"; do wait "$pid"; done
+  wait_copies
   # side by side: the GPU shared by the extra trainings, cores 0-1 for the GGUF export
   for extra in $EXTRAS; do
     case $extra in
@@ -480,16 +496,18 @@ wait)
   ;;
 status) status ;;
 collect)
-  # not the parts, the config runs' copies of the work tree (their figures are in results/extra/NAME) or GGUFs
-  tar czf "$OUT/session.tar.gz" --ignore-failed-read --exclude=./parts --exclude=./unigram --exclude='./config_*' \
-    --exclude='*.gguf' \
+  for log in "$COPIES"/*/results/checkpoints/sft/train_log.jsonl; do # the copies' trainings, running or not
+    [[ -f $log ]] && name=${log#"$COPIES"/} && cp "$log" "results/extra/${name%%/*}/train_log_so_far.jsonl"
+  done
+  # not the parts, the copies of the work tree (their figures are in results/extra/NAME) or GGUFs
+  tar czf "$OUT/session.tar.gz" --ignore-failed-read --exclude=./parts --exclude=./copies --exclude='*.gguf' \
     -C "$STATE" . -C "$PWD" results/report \
     results/tuning/trials.jsonl results/tuning/ablation.md results/tuning/chosen.yaml results/tuning/compile.yaml \
     results/tuning/runs results/extra/*.json results/extra/*.html results/report/gguf_check.json \
     results/extra/*/{training_stats,compression,fidelity,gguf_check,gguf_speed}.json \
     results/model/sft/train_log.jsonl results/model/sft/training_stats.json results/model/control/train_log.jsonl \
     results/model/control/training_stats.json results/extra/*/train_log.jsonl \
-    results/checkpoints/*/train_log.jsonl \
+    results/checkpoints/*/train_log.jsonl results/extra/*/train_log_so_far.jsonl \
     results/remap/compression.json results/tokenizer/fidelity.json results/analysis/corpus_stats.json \
     results/remap/selection_log.md logs benchmarks results/final_model/README.md results/final_model/PROVENANCE.json \
     2>/dev/null

@@ -266,9 +266,6 @@ def train_inputs(wildcards):
         inputs["base"] = local_inputs(base_model())
         inputs["rules"] = "results/remap/remap_rules.yaml"
         inputs["reference"] = "results/data/control/meta.json"
-        if config["training"]["control"] and config["training"]["serial"]:
-            # only the order: ancient() keeps a retrained control from retraining the IVR model
-            inputs["after"] = ancient("results/model/control")
     return inputs
 
 
@@ -306,12 +303,19 @@ def train_nodes():
 
 
 def train_resources():
-    """Slurm resources of the training job: `gpu` on one node; nodes, one task per node, GPUs per node."""
+    """Resources of the training job: `gpu` on one node; nodes, one task per node, GPUs per node (Slurm);
+    with training.serial one unit of `training`, of which the profiles allow one at a time.
+
+    training.serial is a resource, not a DAG edge from the control to the IVR model: Snakemake does not
+    check the parameters of a job downstream of one it reruns, so a change to both branches' settings
+    would retrain the control alone.
+    """
     gpus, nodes = config["training"]["gpus"], train_nodes()
+    serial = {"training": 1} if config["training"]["serial"] else {}
     if nodes == 1:
-        return {"gpu": gpus}
+        return {"gpu": gpus, **serial}
     per_node = {"gres": f"gpu:{gpus}", "tasks_per_gpu": 0} if gpus else {}
-    return {"nodes": nodes, "tasks": nodes, "mpi": "srun", **per_node}
+    return {"nodes": nodes, "tasks": nodes, "mpi": "srun", **per_node, **serial}
 
 
 def train_processes(wildcards, resources):

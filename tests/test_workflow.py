@@ -101,13 +101,17 @@ def test_dag_renders(workdir):
     assert "<svg" in (workdir / "dag.svg").read_text()
 
 
-def test_the_ivr_model_trains_after_the_control_never_beside_it(workdir):
-    """training.serial (on by default): one GPU (or the CPU cores) is never shared by the two trainings."""
+def test_the_two_trainings_never_run_beside_each_other(workdir):
+    """training.serial (on by default): one GPU (or the CPU cores) is never shared by the two trainings. Each
+    training job takes the profile's one unit of `training`; and no DAG edge joins them (Snakemake would not
+    check the parameters of a job downstream of one it reruns)."""
+    dry = snakemake(workdir, "results/model/sft", "results/model/control", "-n", "--forceall").stdout
+    jobs = re.findall(r"rule train_sft:.*?wildcards: trained=(\w+).*?resources: ([^\n]*)", dry, re.S)
+    assert {branch for branch, _ in jobs} == {"sft", "control"}, dry[-3000:]
+    assert all("training=1" in resources for _, resources in jobs), jobs
+    assert "resources: [training=1]" in (workdir / "profiles" / "default" / "config.yaml").read_text()
     dag = snakemake(workdir, "results/model/sft", "--dag").stdout
-    nodes = dict(re.findall(r'(\d+)\[label = "train_sft\\ntrained: (\w+)"', dag))
-    ids = {branch: node for node, branch in nodes.items()}
-    assert set(ids) == {"sft", "control"}, dag[:2000]
-    assert f"{ids['control']} -> {ids['sft']}" in dag
+    assert "trained: control" not in dag
 
 
 @pytest.fixture(scope="module")
@@ -253,6 +257,12 @@ def test_a_branchs_own_settings_rerun_only_that_branch(final_model, workdir):
     (workdir / "budget.yaml").write_text("training:\n  budget: 1.0\n")
     dry = snakemake(workdir, "results/final_model", "-n", configs=("budget.yaml",)).stdout
     assert "trained=sft" in dry and "trained=control" not in dry
+    (workdir / "control_stage2.yaml").write_text("training:\n  control_stage2: lora\n")
+    dry = snakemake(workdir, "results/final_model", "-n", configs=("control_stage2.yaml",)).stdout
+    assert "trained=control" in dry and "trained=sft" not in dry
+    (workdir / "stage2.yaml").write_text("training:\n  stage2: lora\n")  # control_stage2 null: both follow
+    dry = snakemake(workdir, "results/final_model", "-n", configs=("stage2.yaml",)).stdout
+    assert "trained=control" in dry and "trained=sft" in dry
 
 
 def test_a_failing_gate_stops_the_run_with_one_clear_line(final_model, workdir):
