@@ -266,10 +266,15 @@ extra_run() { # extra_run NAME KEY=VALUE: extra_train, then the report of that m
 }
 
 COPIES=$STATE/copies # the config runs' copies of the work tree
-copy_name() { # copy_name EXTRA: the folder name of a config: extra (unigram is config:ivr.backend=unigram)
+copy_setting() { # copy_setting EXTRA: the config keys of a config: extra (unigram is config:ivr.backend=unigram)
+  if [[ $1 == unigram ]]; then echo ivr.backend=unigram; else echo "${1#config:}"; fi
+}
+
+copy_name() { # copy_name EXTRA: the folder name of its copy
   [[ $1 == unigram ]] && echo unigram && return
-  local name=${1#config:}
-  echo "config_${name//[:=,\/]/_}"
+  local setting
+  setting=$(copy_setting "$1")
+  echo "config_${setting//[:=,\/]/_}"
 }
 
 copy_cpu() { # copy_cpu NAME KEY=VALUE[,...]: the workflow in a copy of the work tree ($COPIES/NAME) with
@@ -289,16 +294,8 @@ copy_cpu() { # copy_cpu NAME KEY=VALUE[,...]: the workflow in a copy of the work
 import sys
 import yaml
 sys.path.insert(0, "scripts")
-from ivr.train_settings import parse_value
-config = {}
-for setting in sys.argv[1].split(","):
-    key, value = setting.split("=", 1)
-    *parents, leaf = key.split(".")
-    node = config
-    for part in parents:
-        node = node.setdefault(part, {})
-    node[leaf] = parse_value(value)
-print(yaml.safe_dump(config), end="")
+from ivr.train_settings import apply_overrides
+print(yaml.safe_dump(apply_overrides({}, sys.argv[1].split(","), "config:")), end="")
 PY
   # beside the default run (SNAKE_OPTS without its --cores N); the rules' script paths differ in the copy,
   # so only missing or older outputs count
@@ -410,9 +407,7 @@ orchestrate() {
   for extra in $EXTRAS; do # the copies' CPU stages, beside the tuning and the default run
     case $extra in unigram | config:*)
       name=$(copy_name "$extra")
-      local setting=${extra#config:}
-      [[ $extra == unigram ]] && setting=ivr.backend=unigram
-      stage "${name}_cpu" copy_cpu "$name" "$setting" &
+      stage "${name}_cpu" copy_cpu "$name" "$(copy_setting "$extra")" &
       copies+=($!)
       ;;
     esac

@@ -20,18 +20,24 @@ def parse_value(text: str):
         return yaml.safe_load(text)
 
 
-def resolve_settings(raw: dict | None, overrides: list[str] = (), validate: bool = True) -> dict:
-    """The training settings with schema defaults filled in; --set KEY=VALUE (dotted keys) applied first."""
-    raw = json.loads(json.dumps(raw or {}))
+def apply_overrides(raw: dict, overrides: list[str], option: str = "--set") -> dict:
+    """raw with each KEY=VALUE of overrides set in place (dotted keys reach into sections; values as
+    parse_value reads them)."""
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep:
-            raise UserError(f"--set {item}: expected KEY=VALUE")
+            raise UserError(f"{option} {item}: expected KEY=VALUE")
         node = raw
         *parents, leaf = key.split(".")
         for part in parents:
             node = node.setdefault(part, {})
         node[leaf] = parse_value(value)
+    return raw
+
+
+def resolve_settings(raw: dict | None, overrides: list[str] = (), validate: bool = True) -> dict:
+    """The training settings with schema defaults filled in; --set KEY=VALUE (dotted keys) applied first."""
+    raw = apply_overrides(json.loads(json.dumps(raw or {})), overrides)
     if not validate:  # the GPU benchmark runs where jsonschema may be missing: defaults only
         schema = yaml.safe_load(SCHEMA.read_text())
         config = {"training": raw}
